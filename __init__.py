@@ -1,0 +1,1 @@
+"""mote-export: Mixture-of-Ternary-Experts models to on-device runtimes."""

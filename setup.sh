@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) setup: a project-local .venv with the pinned toolchain.
+# torch goes in first and alone, so no other package can drag in a CUDA build of it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+
+stamp=.venv/.mote-setup-stamp
+want=$(cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0   # already set up for exactly these pins
+fi
+
+pip_q() {  # quiet pip; on failure show its log without the local-index noise
+  if ! $VPY -m pip install -q "$@" > .venv/pip.log 2>&1; then
+    grep -v "is ignored: it is neither" .venv/pip.log >&2; echo "setup: pip install $* failed" >&2; exit 1
+  fi
+}
+pip_q "torch==2.13.0"
+pip_q -r requirements.lock
+pip_q --no-deps --no-build-isolation -e .
+$VPY -c "import torch, executorch, coremltools, tvm, onnxruntime, onnxscript" >/dev/null 2>&1 \
+  || { echo "setup: the pinned toolchain did not import" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "setup: .venv ready"
