@@ -1,0 +1,178 @@
+"""Load a model directory (DESIGN.md section 2) into the reference model, refusing bad input with one clear line.
+
+- safetensors only (single file or sharded with `model.safetensors.index.json`); pickle checkpoints are refused,
+  never opened;
+- routed experts either latent float weights or pre-quantized: int8 trits + `weight_scale`;
+- the Hugging Face Qwen2-MoE layout, including the transformers 5.x fused expert tensors
+  `mlp.experts.gate_up_proj [E, 2I, d]` and `mlp.experts.down_proj [E, d, I]`;
+- the module tree is built on the meta device and each tensor is assigned as it is read, so peak memory is about
+  the fp32 size of the weights (a config needing absurd memory is refused before that, in `config`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import MoteConfig, load_config
+from .errors import InputError
+from .model import MoteForConditionalGeneration, TernaryLinear
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_NAME = "model.safetensors.index.json"
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
+    """Validate and load a model directory into an eval-mode fp32 reference model."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: not a directory")
+    cfg = load_config(model_dir)
+    files = _tensor_files(model_dir)
+    with torch.device("meta"):
+        model = MoteForConditionalGeneration(cfg)
+    state = _read_tensors(files)
+    state = _unfuse_experts(state, cfg)
+    _mark_prequantized(model, state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise InputError(f"{model_dir}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, (tensor, where) in state.items():
+        if name not in expected:
+            raise InputError(f"{where}: unexpected tensor '{name}' for this config")
+        _check_tensor(name, tensor, expected[name], where)
+    model.load_state_dict({k: v.to(expected[k].dtype).reshape(expected[k].shape) for k, (v, _) in state.items()},
+                          assign=True, strict=True)
+    model.inv_freq = _rope_inv_freq(cfg)
+    return model.eval()
+
+
+def _rope_inv_freq(cfg: MoteConfig) -> torch.Tensor:
+    hd = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+
+
+def _tensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({model_dir / f for f in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"{index}: shard '{f.name}' does not exist")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InputError(f"{model_dir / pickles[0]}: pickle checkpoints are refused (loading one runs arbitrary "
+                         f"code); convert it to .safetensors")
+    raise InputError(f"{model_dir}: no *.safetensors weights found")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
+    state: dict[str, tuple[torch.Tensor, Path]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    if name in state:
+                        raise InputError(f"{f}: tensor '{name}' is also in {state[name][1].name}")
+                    state[name] = (handle.get_tensor(name), f)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise InputError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def _unfuse_experts(state, cfg: MoteConfig):
+    """transformers 5.x stores experts fused: gate_up_proj [E, 2I, d] (gate rows first), down_proj [E, d, I]."""
+    fused = {k: v for k, v in state.items() if _FUSED.match(k)}
+    if not fused:
+        return state
+    out = {k: v for k, v in state.items() if k not in fused}
+    e_n, inter, d = cfg.moe.num_experts, cfg.moe.expert_intermediate_size, cfg.hidden_size
+    for name, (tensor, where) in fused.items():
+        prefix, kind = _FUSED.match(name).groups()
+        want = (e_n, 2 * inter, d) if kind == "gate_up_proj" else (e_n, d, inter)
+        if tuple(tensor.shape) != want:
+            raise InputError(f"{where}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(want)}")
+        for e in range(e_n):
+            if kind == "gate_up_proj":
+                out[f"{prefix}.{e}.gate_proj.weight"] = (tensor[e, :inter], where)
+                out[f"{prefix}.{e}.up_proj.weight"] = (tensor[e, inter:], where)
+            else:
+                out[f"{prefix}.{e}.down_proj.weight"] = (tensor[e], where)
+    return out
+
+
+def _mark_prequantized(model, state) -> None:
+    """A routed-expert projection with a `weight_scale` tensor is pre-quantized: switch its module to int8 trits."""
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear) and f"{name}.weight_scale" in state:
+            scale_shape = (module.out_features, 1) if module.per_channel else ()
+            module.set_prequantized(torch.empty(module.out_features, module.in_features, dtype=torch.int8, device="meta"),
+                                    torch.empty(scale_shape, device="meta"))
+
+
+def _check_tensor(name, tensor, expected, where) -> None:
+    if name.endswith(".weight_scale"):
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{where}: tensor '{name}' has dtype {_dt(tensor)}, expected a float scale")
+        if tensor.numel() != expected.numel():
+            raise InputError(f"{where}: tensor '{name}' has shape {list(tensor.shape)}, expected "
+                             f"{list(expected.shape) or 'a scalar'} ({expected.numel()} values)")
+        if not torch.isfinite(tensor).all() or (tensor <= 0).any():
+            raise InputError(f"{where}: tensor '{name}' has non-positive or non-finite scales")
+        return
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise InputError(f"{where}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(expected.shape)}")
+    if expected.dtype == torch.int8:
+        if tensor.dtype != torch.int8:
+            raise InputError(f"{where}: tensor '{name}' (pre-quantized trits) has dtype {_dt(tensor)}, expected int8")
+        bad = (tensor < -1) | (tensor > 1)
+        if bad.any():
+            raise InputError(f"{where}: tensor '{name}' has {int(bad.sum())} values outside {{-1, 0, 1}} "
+                             f"(e.g. {int(tensor[bad][0])}); pre-quantized trits must be ternary")
+        return
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{where}: tensor '{name}' has dtype {_dt(tensor)}, expected float32, float16 or bfloat16")
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"{where}: tensor '{name}' contains NaN or Inf")
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def save_model(model: MoteForConditionalGeneration, model_dir: str | Path, prequantize: bool = False) -> None:
+    """Write config.json + model.safetensors (byte-identical for the same model).
+
+    With `prequantize`, routed experts are stored as int8 trits + `weight_scale` instead of latent float weights.
+    """
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        tensors[name] = t.detach().contiguous().clone()
+    if prequantize:
+        for name, module in model.named_modules():
+            if isinstance(module, TernaryLinear) and not module.prequantized:
+                trits, scale = module.ternary_weight()
+                tensors[f"{name}.weight"] = trits.to(torch.int8).contiguous()
+                tensors[f"{name}.weight_scale"] = scale.detach().reshape(-1).contiguous()
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    (model_dir / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2, sort_keys=True) + "\n")
+    save_file(dict(sorted(tensors.items())), str(model_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,313 @@
+"""The PyTorch eager reference of a MoTE LMM (DESIGN.md section 1).
+
+Vision tower (pre-LN ViT) + 2-layer GELU projector + Qwen2-style decoder (RMSNorm, RoPE, grouped-query attention
+with q/k/v biases, SwiGLU) whose configured layers are MoTE blocks: a full-precision shared expert (optionally
+sigmoid-gated), a softmax router with top-k, and ternary routed experts with per-token int8 activations.
+
+Parameter names follow the Hugging Face Qwen2-MoE layout (`model.layers.N.mlp.shared_expert.gate_proj.weight`,
+`model.layers.N.mlp.experts.E.up_proj.weight`, `model.layers.N.mlp.gate.weight`, ...), so both input formats load
+into the same module tree.
+
+The KV cache is static (`max_seq_len` slots per layer). The decoder core is written once and used two ways:
+functionally (caches in, updated caches out: ONNX past/present, TVM arguments) or in place on module buffers
+(ExecuTorch mutable buffers, Core ML states); see `export.programs`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import semantics
+from .config import MoteConfig, VisionConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * self.weight
+
+
+class TernaryLinear(nn.Module):
+    """A routed-expert projection: bitlinear with a ternary weight.
+
+    Holds either a latent float `weight` (QAT weights, ternarised by absmean in forward) or a pre-quantized int8
+    `weight` of trits plus `weight_scale` ([] per tensor or [out, 1] per output channel). In training mode the
+    latent form uses straight-through estimators so it can be trained (quantization-aware training).
+    """
+
+    def __init__(self, in_features: int, out_features: int, per_channel: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.per_channel = in_features, out_features, per_channel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_scale = None
+
+    @property
+    def prequantized(self) -> bool:
+        return self.weight_scale is not None
+
+    def set_prequantized(self, trits: torch.Tensor, scale: torch.Tensor) -> None:
+        del self.weight, self.weight_scale
+        self.register_buffer("weight", trits.to(torch.int8))
+        self.register_buffer("weight_scale", scale.to(torch.float32))
+
+    def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prequantized:
+            return self.weight.to(torch.float32), self.weight_scale
+        return semantics.ternarize(self.weight, self.per_channel)
+
+    def forward(self, x):
+        if self.training and not self.prequantized:
+            return self._forward_qat(x)
+        trits, scale = self.ternary_weight()
+        return semantics.bitlinear(x, trits, scale)
+
+    def _forward_qat(self, x):
+        # Same values as bitlinear (up to float rounding), gradients passed straight through both quantizers.
+        q, s_v = semantics.quantize_activations(x)
+        x_q = x + (q * s_v - x).detach()
+        trits, scale = semantics.ternarize(self.weight, self.per_channel)
+        w_q = self.weight + (trits * scale - self.weight).detach()
+        return F.linear(x_q, w_q)
+
+
+class TernaryExpert(nn.Module):
+    def __init__(self, d: int, inter: int, per_channel: bool):
+        super().__init__()
+        self.gate_proj = TernaryLinear(d, inter, per_channel)
+        self.up_proj = TernaryLinear(d, inter, per_channel)
+        self.down_proj = TernaryLinear(inter, d, per_channel)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inter, bias=False)
+        self.up_proj = nn.Linear(d, inter, bias=False)
+        self.down_proj = nn.Linear(inter, d, bias=False)
+
+    def forward(self, x):
+        return semantics.swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class MoteBlock(nn.Module):
+    """y = [sigmoid(w_g . x)] * shared(x) + sum_{i in top-k} g_i * expert_i(x)."""
+
+    def __init__(self, cfg: MoteConfig):
+        super().__init__()
+        m = cfg.moe
+        self.top_k, self.norm_topk_prob = m.top_k, m.norm_topk_prob
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if m.shared_expert_gate else None
+        self.gate = nn.Linear(cfg.hidden_size, m.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            TernaryExpert(cfg.hidden_size, m.expert_intermediate_size, m.per_channel_scale) for _ in range(m.num_experts)
+        )
+        self.last_router_logits = None  # kept in training mode for the load-balancing loss
+
+    def forward(self, x):
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        logits = self.gate(x)
+        if self.training:
+            self.last_router_logits = logits
+        combine = semantics.route(logits, self.top_k, self.norm_topk_prob)
+        y = shared
+        for e, expert in enumerate(self.experts):
+            y = y + combine[..., e : e + 1] * expert(x)
+        return y
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MoteConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions, in_place: bool):
+        """x [1,T,d]; caches [1, n_kv, S, hd]. Returns (out, k_cache', v_cache')."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if in_place:
+            k_cache.index_copy_(2, positions, k)
+            v_cache.index_copy_(2, positions, v)
+        else:
+            k_cache = k_cache.index_copy(2, positions, k)
+            v_cache = v_cache.index_copy(2, positions, v)
+        rep = self.n_heads // self.n_kv
+        s = k_cache.shape[2]
+        k_all = k_cache[:, :, None].expand(b, self.n_kv, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
+        v_all = v_cache[:, :, None].expand(b, self.n_kv, rep, s, self.head_dim).reshape(b, self.n_heads, s, self.head_dim)
+        scores = torch.matmul(q, k_all.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim)) + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(out), k_cache, v_cache
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoteConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoteBlock(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, positions, in_place):
+        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, positions, in_place)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: MoteConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = vc.num_heads, vc.hidden_size // vc.num_heads
+        self.qkv = nn.Linear(vc.hidden_size, 3 * vc.hidden_size)
+        self.proj = nn.Linear(vc.hidden_size, vc.hidden_size)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
+        return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, n, d))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.attn = VisionAttention(vc)
+        self.norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.fc1 = nn.Linear(vc.hidden_size, vc.intermediate_size)
+        self.fc2 = nn.Linear(vc.intermediate_size, vc.hidden_size)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class VisionTower(nn.Module):
+    """Pre-LN ViT over non-overlapping patches (patchify = reshape, then a linear patch embedding)."""
+
+    def __init__(self, vc: VisionConfig):
+        super().__init__()
+        self.cfg = vc
+        self.patch_embed = nn.Linear(vc.num_channels * vc.patch_size**2, vc.hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(vc.num_patches, vc.hidden_size))
+        self.layers = nn.ModuleList(VisionBlock(vc) for _ in range(vc.num_layers))
+        self.post_norm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+
+    def forward(self, pixel_values):
+        vc = self.cfg
+        b, p, g = pixel_values.shape[0], vc.patch_size, vc.image_size // vc.patch_size
+        x = pixel_values.reshape(b, vc.num_channels, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+        x = self.patch_embed(x.reshape(b, g * g, vc.num_channels * p * p)) + self.pos_embed
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_norm(x)
+
+
+class Projector(nn.Module):
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class MoteForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: MoteConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.vision is not None:
+            self.vision_tower = VisionTower(cfg.vision)
+            self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.hidden_size)
+        else:
+            self.vision_tower = self.multi_modal_projector = None
+        hd = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    # -- the three programs' bodies -------------------------------------------------------------------------
+    def encode_image(self, pixel_values):
+        """pixel_values [1,3,H,W] (normalised to [-1, 1]) -> image embeddings [1, N_img, d]."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, tokens):
+        return self.model.embed_tokens(tokens)
+
+    def decode(self, embeds, input_pos, k_caches, v_caches, in_place: bool = False):
+        """embeds [1,T,d], input_pos [1] (int64 start position), caches per layer [1, n_kv, S, hd].
+
+        Returns logits [1,T,vocab] and the per-layer caches (the same tensors when `in_place`).
+        """
+        t = embeds.shape[1]
+        s = k_caches[0].shape[2]
+        positions = input_pos + torch.arange(t, dtype=torch.long, device=embeds.device)
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        keys = torch.arange(s, dtype=torch.long, device=embeds.device)
+        allowed = keys[None, :] <= positions[:, None]
+        mask = torch.where(allowed, 0.0, float("-inf"))[None, None]
+        x = embeds
+        new_k, new_v = [], []
+        for layer, kc, vc in zip(self.model.layers, k_caches, v_caches):
+            x, kc, vc = layer(x, cos, sin, mask, kc, vc, positions, in_place)
+            new_k.append(kc)
+            new_v.append(vc)
+        x = self.model.norm(x)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight), new_k, new_v
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def new_cache(self, max_seq_len: int):
+        cfg = self.config
+        shape = (1, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        return ([torch.zeros(shape) for _ in range(cfg.num_hidden_layers)],
+                [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)])
+
+    def forward_full(self, embeds):
+        """Whole-sequence forward without a persistent cache (training, and the cache-equivalence tests)."""
+        k, v = self.new_cache(embeds.shape[1])
+        logits, _, _ = self.decode(embeds, torch.zeros(1, dtype=torch.long), k, v)
+        return logits
+
+    def router_logits(self):
+        return [layer.mlp.last_router_logits for layer in self.model.layers if isinstance(layer.mlp, MoteBlock)]
