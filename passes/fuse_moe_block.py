@@ -1,0 +1,160 @@
+"""Pass: fuse a whole MoTE block into one `mote.moe_ffn`.
+
+Before (after `fuse_ternary_linear`; E experts, h = the post-attention-norm hidden state):
+
+    shared   = linear(silu(linear(h, Wg)) * linear(h, Wu), Wd)
+    shared   = sigmoid(linear(h, Wsg)) * shared                       (optional shared-expert gate, Qwen2-MoE)
+    p        = softmax(linear(h, Wr), -1)
+    v, i     = topk(p, k);  v = v / sum(v, -1, keepdim)               (renormalisation optional)
+    combine  = scatter(zeros_like(p), -1, i, v)
+    expert_e = mote.ternary_linear(silu(mote.ternary_linear(h, G_e)) * mote.ternary_linear(h, U_e), D_e)
+    y        = (((shared + combine[..., 0:1] * expert_0) + combine[..., 1:2] * expert_1) + ...)
+
+After:
+
+    y = mote.moe_ffn(h, Wg, Wu, Wd, Wsg?, Wr, stack(G), stack(G scales), stack(U), ..., stack(D), ..., k, renorm)
+
+The per-expert packed trits and scales are stacked into [E, ...] buffers (the layout fused MoE kernels such as
+ONNX Runtime's QMoE read from), and the per-expert buffers leave the program. The op's reference kernel runs the
+same functions in the same order, so y is bit-identical.
+"""
+from __future__ import annotations
+
+import torch
+
+from .match import is_op, only_user, op, other_arg
+from .program import add_constant, call, constant_value, remove_unused_constants, spec_for
+
+aten = torch.ops.aten
+TERNARY = torch.ops.mote.ternary_linear.default
+
+
+def _linear_weight(ep, node, h):
+    """node = linear(h, W) with constant W and no bias: returns the W placeholder."""
+    if is_op(node, aten.linear.default) and node.args[0] is h and len(node.args) == 2 and constant_value(ep, node.args[1]) is not None:
+        return node.args[1]
+    return None
+
+
+def _swiglu(ep, node, h):
+    """node = linear(silu(linear(h, Wg)) * linear(h, Wu), Wd): returns (Wg, Wu, Wd)."""
+    if not is_op(node, aten.linear.default) or len(node.args) != 2:
+        return None
+    mul = op(node.args[0], aten.mul.Tensor)
+    if mul is None or not is_op(mul.args[0], aten.silu.default):
+        return None
+    wg, wu = _linear_weight(ep, mul.args[0].args[0], h), _linear_weight(ep, mul.args[1], h)
+    wd = node.args[1] if constant_value(ep, node.args[1]) is not None else None
+    return (wg, wu, wd) if None not in (wg, wu, wd) else None
+
+
+def _ternary_expert(node, h):
+    """node = tl(silu(tl(h, G)) * tl(h, U), D): returns the three ternary_linear nodes (gate, up, down)."""
+    if not is_op(node, TERNARY):
+        return None
+    mul = op(node.args[0], aten.mul.Tensor)
+    if mul is None or not is_op(mul.args[0], aten.silu.default):
+        return None
+    gate, up = mul.args[0].args[0], mul.args[1]
+    if is_op(gate, TERNARY) and is_op(up, TERNARY) and gate.args[0] is h and up.args[0] is h:
+        return gate, up, node
+    return None
+
+
+def _router(ep, topk):
+    """topk(softmax(linear(h, Wr), -1), k) [-> v / sum(v)] -> scatter(zeros_like(p), -1, i, v)."""
+    probs = op(topk.args[0], aten.softmax.int)
+    if probs is None or probs.args[1] not in (-1, probs.meta["val"].dim() - 1):
+        return None
+    logits = op(probs.args[0], aten.linear.default)
+    if logits is None:
+        return None
+    h = logits.args[0]
+    router = _linear_weight(ep, logits, h)
+    getters = {u.args[1]: u for u in topk.users if u.target.__name__ == "getitem"}
+    if router is None or set(getters) != {0, 1}:
+        return None
+    values, indices = getters[0], getters[1]
+    renorm = False
+    divs = [u for u in values.users if is_op(u, aten.div.Tensor) and u.args[0] is values]
+    if len(divs) == 1 and len(values.users) == 2:
+        total = divs[0].args[1]
+        if is_op(total, aten.sum.dim_IntList) and total.args[0] is values and list(total.args[1]) in ([-1], [2]):
+            values, renorm = divs[0], True
+    scatter = only_user(values)
+    if not (is_op(scatter, aten.scatter.src) and scatter.args[2] is indices and scatter.args[3] is values
+            and is_op(scatter.args[0], aten.zeros_like.default) and scatter.args[0].args[0] is probs):
+        return None
+    return h, router, topk.args[1], renorm, scatter
+
+
+def _match(ep, topk):
+    routed = _router(ep, topk)
+    if routed is None:
+        return None
+    h, router, top_k, renorm, combine = routed
+    n_experts = constant_value(ep, router).shape[0]
+    slices = {}
+    for s in combine.users:
+        if not (is_op(s, aten.slice.Tensor) and len(s.args) == 4 and s.args[3] == s.args[2] + 1):
+            return None
+        slices[s.args[2]] = s
+    if sorted(slices) != list(range(n_experts)):
+        return None
+    experts, acc_users = [], []
+    for e in range(n_experts):
+        mul = only_user(slices[e])
+        if not is_op(mul, aten.mul.Tensor):
+            return None
+        ex = _ternary_expert(other_arg(mul, slices[e]), h)
+        add = only_user(mul)
+        if ex is None or not is_op(add, aten.add.Tensor):
+            return None
+        experts.append(ex)
+        acc_users.append((add, other_arg(add, mul)))
+    # The adds must chain: shared -> add_0 -> add_1 -> ... -> add_{E-1} = the block's output.
+    for e in range(1, n_experts):
+        if acc_users[e][1] is not acc_users[e - 1][0]:
+            return None
+    shared_out, output = acc_users[0][1], acc_users[-1][0]
+    shared_gate = None
+    if is_op(shared_out, aten.mul.Tensor) and any(is_op(a, aten.sigmoid.default) for a in shared_out.args):
+        sig = next(a for a in shared_out.args if is_op(a, aten.sigmoid.default))
+        shared_gate = _linear_weight(ep, sig.args[0], h)
+        shared_out = other_arg(shared_out, sig)
+        if shared_gate is None:
+            return None
+    shared = _swiglu(ep, shared_out, h)
+    if shared is None:
+        return None
+    return dict(h=h, shared=shared, shared_gate=shared_gate, router=router, experts=experts, top_k=top_k,
+                renorm=renorm, output=output)
+
+
+def _stack(ep, nodes_by_expert, arg_index, fqn):
+    """Stack one argument (packed trits or scales) of every expert's ternary_linear into a new [E, ...] buffer."""
+    tensors = [constant_value(ep, n.args[arg_index]) for n in nodes_by_expert]
+    if arg_index == 2:  # scales: [1] or [out] each -> [E, 1] or [E, out]
+        tensors = [t.reshape(-1) for t in tensors]
+    return add_constant(ep, fqn, torch.stack(tensors).contiguous())
+
+
+def fuse_moe_block(ep) -> int:
+    graph, count = ep.graph, 0
+    for topk in [n for n in graph.nodes if is_op(n, aten.topk.default)]:
+        m = _match(ep, topk)
+        if m is None:
+            continue
+        base = spec_for(ep, m["router"]).target.rsplit(".", 1)[0] + ".experts"   # e.g. ...layers.3.mlp.gate.experts
+        stacked = []
+        for proj, which in (("gate", 0), ("up", 1), ("down", 2)):
+            nodes = [ex[which] for ex in m["experts"]]
+            stacked += [_stack(ep, nodes, 1, f"{base}.{proj}_packed"), _stack(ep, nodes, 2, f"{base}.{proj}_scale")]
+        args = (m["h"], *m["shared"], m["shared_gate"], m["router"], *stacked, int(m["top_k"]), bool(m["renorm"]))
+        fused = call(graph, torch.ops.mote.moe_ffn.default, args, m["output"])
+        m["output"].replace_all_uses_with(fused)
+        count += 1
+    graph.eliminate_dead_code()
+    remove_unused_constants(ep)
+    ep.graph_module.recompile()
+    return count

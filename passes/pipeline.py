@@ -1,0 +1,38 @@
+"""The pass pipeline: the one place that says which rewrites run, in which order.
+
+Every target runs exactly this list; targets then lower the `mote::` ops it leaves (passes are target-free).
+"""
+from __future__ import annotations
+
+from .fuse_moe_block import fuse_moe_block
+from .fuse_ternary_linear import fuse_ternary_linear
+from .program import op_histogram
+from .remove_dead_code import remove_dead_code
+from .ternarize_expert_weights import ternarize_expert_weights
+from .verify_numerics import check_numerics, run_program
+
+PIPELINE = [
+    ternarize_expert_weights,   # float/int8 routed-expert weights -> packed trits + scales (unpack_trits in graph)
+    fuse_ternary_linear,        # Q8(x) . T^T * s_x * s_w            -> mote.ternary_linear
+    fuse_moe_block,             # shared + router + top-k + experts  -> mote.moe_ffn
+    remove_dead_code,           # dangling nodes and unused constants
+]
+
+
+def run_pipeline(programs: dict, verify: bool = True):
+    """Run PIPELINE on each ExportedProgram in place; check numerics on its example inputs before vs after.
+
+    Returns (programs, log) where log[name] has the op histograms before/after, rewrite counts and max abs diff.
+    """
+    log = {}
+    for name, ep in programs.items():
+        inputs = ep.example_inputs[0]
+        expected = run_program(ep, inputs) if verify else None
+        entry = {"ops_before": dict(op_histogram(ep)), "rewrites": {}}
+        for p in PIPELINE:
+            entry["rewrites"][p.__name__] = p(ep)
+        entry["ops_after"] = dict(op_histogram(ep))
+        if verify:
+            entry["max_abs_diff"] = check_numerics(name, expected, run_program(ep, inputs))
+        log[name] = entry
+    return programs, log

@@ -1,0 +1,193 @@
+"""`mote-export`: trace a MoTE model, rewrite it into ternary `mote::` ops, lower it to a target, verify it.
+
+    mote-export --target {onnx,...} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify]
+
+Exit codes (DESIGN.md section 7): 0 success, 2 bad input or usage, 3 numerics verification failed, 1 anything else.
+Output is staged in a sibling temporary folder and renamed into place only when everything (including the
+numerics check) succeeded, so a failed run never leaves a half-written or unverified artifact behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from mote.export.errors import InputError, MoteError, VerificationError
+from mote.targets import REGISTRY
+
+DEFAULT_PROMPT = "Describe the image:"
+
+
+class Progress:
+    """Step lines on stderr with their durations (so steps that take seconds are visible)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.timings = quiet, {}
+
+    @contextlib.contextmanager
+    def step(self, name: str, label: str):
+        if not self.quiet:
+            print(f"mote-export: {label} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        if not self.quiet:
+            print(f"mote-export: {label} done in {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="mote-export", description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True, choices=sorted(REGISTRY))
+    ap.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    ap.add_argument("-o", "--out", type=Path, help="output directory (default: out/<model>-<target>)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="static KV-cache length (default: min(128, max positions))")
+    ap.add_argument("--no-verify", action="store_true", help="skip the numerics check against PyTorch")
+    ap.add_argument("--prompt", default=None, help="verification prompt (default: MODEL_DIR/prompt.txt or a fixed one)")
+    ap.add_argument("--image", type=Path, default=None, help="verification image, PNG (default: MODEL_DIR/sample.png)")
+    ap.add_argument("--portable", action="store_true", help="onnx: standard ops only (DequantizeLinear INT2, opset 25)")
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def verification_inputs(args, model):
+    """The image + prompt every program is checked on: the model's shipped sample, else a fixed synthetic one."""
+    import torch
+
+    from mote.export.io_utils import preprocess_image, read_png
+
+    prompt = args.prompt
+    if prompt is None:
+        p = args.model_dir / "prompt.txt"
+        prompt = p.read_text().strip() if p.is_file() else DEFAULT_PROMPT
+    pixel_values = None
+    vc = model.config.vision
+    if vc is not None:
+        image = args.image or (args.model_dir / "sample.png")
+        if image.is_file():
+            pixel_values = preprocess_image(read_png(image), vc.image_size)
+        elif args.image is not None:
+            raise InputError(f"{image}: image not found")
+        else:
+            gen = torch.Generator().manual_seed(0)
+            pixel_values = torch.rand(1, vc.num_channels, vc.image_size, vc.image_size, generator=gen) * 2 - 1
+    return prompt, pixel_values
+
+
+def run(args) -> dict:
+    import torch
+
+    from mote.export.generate import EagerRunner
+    from mote.export.loader import load_model
+    from mote.export.programs import export_programs
+    from mote.export.verify import compare, passed
+    from mote.passes.pipeline import run_pipeline
+    from mote.targets import get_target
+
+    progress = Progress(args.quiet)
+    target = get_target(args.target)
+    out_dir = args.out or Path("out") / f"{args.model_dir.resolve().name}-{args.target}"
+    with progress.step("load", f"loading {args.model_dir}"):
+        model = load_model(args.model_dir)
+    max_seq_len = args.max_seq_len or min(128, model.config.max_position_embeddings)
+    prompt, pixel_values = verification_inputs(args, model)
+    with progress.step("trace", f"tracing {('vision_encoder, ' if model.vision_tower is not None else '')}"
+                                "token_embedding, text_decoder with torch.export"):
+        programs = export_programs(model, max_seq_len, target.kv_style)
+    with progress.step("passes", "rewriting MoTE blocks into mote:: ternary ops"):
+        programs, pass_log = run_pipeline(programs)
+
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        options = {"portable": args.portable, "max_seq_len": max_seq_len}
+        with progress.step("lower", f"lowering to {args.target}"):
+            lowered = target.lower(programs, model, staging, options)
+        report = {
+            "target": args.target,
+            "model_dir": str(args.model_dir),
+            "max_seq_len": max_seq_len,
+            "artifacts": [{"path": p.name, "bytes": p.stat().st_size} for p in lowered.artifacts],
+            "routed_expert_bits_per_weight": round(lowered.routed_expert_bits_per_weight, 4),
+            "routed_expert_weights": lowered.routed_expert_weights,
+            "routed_expert_bytes": lowered.routed_expert_bytes,
+            "deviations": lowered.deviations,
+            "notes": lowered.notes,
+            "passes": pass_log,
+        }
+        if args.no_verify:
+            report["verify"] = "skipped"
+            report["numerics"] = {}
+        else:
+            with progress.step("verify", f"checking numerics in the {args.target} runtime against PyTorch"):
+                torch.manual_seed(0)
+                numerics = compare(EagerRunner(model, max_seq_len), target.runner(staging, model, max_seq_len, options),
+                                   prompt, pixel_values)
+            ok, why = passed(numerics, target.tolerance)
+            report["numerics"] = numerics
+            report["verify"] = "passed" if ok else "failed"
+            if not ok:
+                report["timings_s"] = progress.timings
+                print(json.dumps(report["numerics"], indent=1), file=sys.stderr)
+                raise VerificationError(f"numerics check failed: {why}; no artifact was written to {out_dir}")
+        report["timings_s"] = progress.timings
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move the finished staging folder into place; an existing output is swapped out, then removed."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary(report: dict) -> str:
+    lines = [f"mote-export: {report['target']} -> {report['out_dir']}"]
+    for a in report["artifacts"]:
+        lines.append(f"  {a['path']}: {a['bytes'] / 1e6:.2f} MB")
+    lines.append(f"  routed experts: {report['routed_expert_bits_per_weight']:.3f} bits/weight")
+    for program, s in report.get("numerics", {}).items():
+        extra = f", greedy {s['greedy_match']}" if "greedy_match" in s else ""
+        lines.append(f"  {program}: SQNR {s['sqnr_db']:.1f} dB, max abs err {s['max_abs_err']:.2e}{extra}")
+    for d in report.get("deviations", []):
+        lines.append(f"  deviation: {d}")
+    lines.append(f"  verify: {report['verify']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:          # argparse already printed its one-line usage error
+        return 0 if e.code == 0 else 2
+    try:
+        report = run(args)
+    except MoteError as e:
+        print(f"mote-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 1
+    except Exception:                # a bug, not bad input: keep the traceback for the report
+        traceback.print_exc()
+        return 1
+    print(summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
