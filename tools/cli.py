@@ -90,10 +90,10 @@ def run(args) -> dict:
     from mote.targets import get_target
 
     progress = Progress(args.quiet)
-    target = get_target(args.target)
     out_dir = args.out or Path("out") / f"{args.model_dir.resolve().name}-{args.target}"
     with progress.step("load", f"loading {args.model_dir}"):
         model = load_model(args.model_dir)
+    target = get_target(args.target)
     max_seq_len = args.max_seq_len or min(128, model.config.max_position_embeddings)
     prompt, pixel_values = verification_inputs(args, model)
     with progress.step("trace", f"tracing {('vision_encoder, ' if model.vision_tower is not None else '')}"

@@ -1,0 +1,168 @@
+"""`--target onnx`: ONNX + ONNX Runtime, routed experts as 2-bit `com.microsoft.QMoE`, also `.ort` for ORT Mobile.
+
+Artifacts: `vision_encoder.onnx`, `token_embedding.onnx`, `text_decoder.onnx` (KV cache as `past_key_i` /
+`past_value_i` inputs and `present_key_i` / `present_value_i` outputs, static length), and the same three as `.ort`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from mote.export.programs import KVCacheStyle
+from mote.export.verify import Tolerance
+from mote.targets import Lowered, Target
+
+from .repack import lower_to_ort_layouts
+
+OPSET = 21
+DEVIATIONS = [
+    "onnx: com.microsoft.QMoE's block-wise 2-bit CPU kernel (MLAS LUT GEMM) quantizes the expert activations "
+    "itself instead of the reference's per-token symmetric int8, and does not re-quantize the activation before "
+    "the down projection; the shared expert, attention and router are fp32 and exact",
+]
+
+
+def _rename_io(model: onnx.ModelProto, mapping: dict[str, str]) -> None:
+    """Rename graph inputs/outputs everywhere they are referenced."""
+    g = model.graph
+    for vi in list(g.input) + list(g.output):
+        if vi.name in mapping:
+            vi.name = mapping[vi.name]
+    for node in g.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+
+
+def _decoder_io_names(model: onnx.ModelProto) -> dict[str, str]:
+    """The functional decoder's I/O, by position: (embeds, input_pos, k_0.., v_0..) -> (logits, k_0'.., v_0'..)."""
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    n_layers = (len(outputs) - 1) // 2
+    mapping = {inputs[0]: "embeds", inputs[1]: "input_pos", outputs[0]: "logits"}
+    for i in range(n_layers):
+        mapping[inputs[2 + i]] = f"past_key_{i}"
+        mapping[inputs[2 + n_layers + i]] = f"past_value_{i}"
+        mapping[outputs[1 + i]] = f"present_key_{i}"
+        mapping[outputs[1 + n_layers + i]] = f"present_value_{i}"
+    return mapping
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings on every export; keep the CLI output to our own lines."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def export_onnx(ep, path: Path, decoder: bool = False) -> None:
+    from .translate import TRANSLATIONS
+
+    with _quiet():
+        program = torch.onnx.export(ep, args=ep.example_inputs[0], dynamo=True, opset_version=OPSET,
+                                    custom_translation_table=TRANSLATIONS, optimize=True, verbose=False)
+    model = program.model_proto
+    if decoder:
+        _rename_io(model, _decoder_io_names(model))
+    model.producer_name, model.producer_version = "mote-export", "0.1.0"
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def convert_to_ort(onnx_paths: list[Path]) -> list[Path]:
+    """ORT Mobile format next to each .onnx (com.microsoft ops included)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    out = []
+    for p in onnx_paths:
+        tmp = p.parent / f".ort-{p.stem}"
+        tmp.mkdir()
+        (tmp / p.name).symlink_to(p.resolve())
+        with _quiet(), contextlib.redirect_stderr(io.StringIO()):
+            convert_onnx_models_to_ort(tmp, output_dir=tmp, optimization_styles=[OptimizationStyle.Fixed])
+        produced = tmp / f"{p.stem}.ort"
+        target = p.with_suffix(".ort")
+        produced.rename(target)
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        out.append(target)
+    return out
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    kv_style = KVCacheStyle.IO
+    tolerance = Tolerance(min_sqnr_db=35.0)   # declared kernel deviation (QMoE activation quantization)
+
+    def lower(self, programs, model, out_dir: Path, options: dict) -> Lowered:
+        facts = {"weights": 0, "bytes": 0, "blocks": set()}
+        paths = []
+        for name, ep in programs.items():
+            f = lower_to_ort_layouts(ep)
+            for k in ("weights", "bytes"):
+                facts[k] += f[k]
+            facts["blocks"] |= f["blocks"]
+            path = out_dir / f"{name}.onnx"
+            export_onnx(ep, path, decoder=name == "text_decoder")
+            paths.append(path)
+        ort_paths = convert_to_ort(paths)
+        notes = [f"routed experts: com.microsoft.QMoE, 2-bit codes, block-wise fp32 scales (block {sorted(facts['blocks'])}); "
+                 "only the top-k experts' weights are read per token",
+                 "KV cache: past_key_i/past_value_i inputs, present_key_i/present_value_i outputs, "
+                 f"static length {options['max_seq_len']}"]
+        return Lowered(artifacts=paths + ort_paths, routed_expert_weights=facts["weights"],
+                       routed_expert_bytes=facts["bytes"], deviations=list(DEVIATIONS), notes=notes)
+
+    def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):
+        return OrtRunner(out_dir, max_seq_len, suffix=options.get("suffix", ".onnx"))
+
+
+class OrtRunner:
+    """The three programs in onnxruntime; the KV cache lives here as numpy arrays fed back step by step."""
+
+    def __init__(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx"):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = int(os.environ.get("MOTE_ORT_THREADS", "0"))
+        self.sessions = {}
+        for name in ("vision_encoder", "token_embedding", "text_decoder"):
+            path = Path(out_dir) / f"{name}{suffix}"
+            if path.exists():
+                self.sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.max_seq_len = max_seq_len
+        dec = self.sessions["text_decoder"]
+        self.cache_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_")]
+        self.output_names = [o.name for o in dec.get_outputs()]
+        self.reset()
+
+    def reset(self):
+        self.cache = {i.name: np.zeros(i.shape, dtype=np.float32) for i in self.cache_inputs}
+
+    def vision_encoder(self, pixel_values):
+        return torch.from_numpy(self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.numpy()})[0])
+
+    def token_embedding(self, tokens):
+        return torch.from_numpy(self.sessions["token_embedding"].run(None, {"tokens": tokens.numpy()})[0])
+
+    def text_decoder(self, embeds, input_pos):
+        feeds = {"embeds": embeds.numpy().astype(np.float32), "input_pos": input_pos.numpy(), **self.cache}
+        outs = dict(zip(self.output_names, self.sessions["text_decoder"].run(None, feeds)))
+        for name in self.cache:
+            self.cache[name] = outs[name.replace("past_", "present_")]
+        return torch.from_numpy(outs["logits"])
+
+
+TARGET = OnnxTarget()
