@@ -26,6 +26,9 @@ from .errors import InputError
 
 # Refuse configs whose weights alone would need more than this (checked before anything is allocated).
 MAX_PARAMETER_BYTES = 64 * 2**30
+# ... or that imply more weight tensors than this: the module tree is built (on the meta device) before the files
+# are read, at about 1 ms and 10 KB per module, so a million tiny layers would hang and exhaust memory.
+MAX_TENSORS = 250_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,13 @@ class MoteConfig:
             del d["vision"]
         del d["source_format"]
         return d
+
+    def tensor_count(self) -> int:
+        """Upper bound on the number of weight tensors the config implies (pre-quantized experts count twice)."""
+        n = self.num_hidden_layers * 12 + len(self.moe.moe_layers) * (6 * self.moe.num_experts + 6) + 4
+        if self.vision is not None:
+            n += self.vision.num_layers * 16 + 8
+        return n
 
     def parameter_count(self) -> int:
         """Number of weights the config implies (used to refuse absurd sizes before allocating)."""
@@ -238,6 +248,8 @@ def parse_config(data: dict, where: str = "config.json") -> MoteConfig:
         # Hugging Face Qwen2-MoE: every `decoder_sparse_step`-th layer is sparse unless listed in mlp_only_layers.
         step = r.int("decoder_sparse_step", 1)
         mlp_only = data.get("mlp_only_layers") or []
+        if not isinstance(mlp_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mlp_only):
+            raise InputError(f"{where}: 'mlp_only_layers' must be a list of layer indices, got {mlp_only!r}")
         sparse = [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]
         moe = MoEConfig(
             num_experts=r.int("num_experts"), top_k=r.int("num_experts_per_tok"),
@@ -278,6 +290,11 @@ def _check_consistency(cfg: MoteConfig, where: str) -> None:
             raise InputError(f"{where}: {name} {tok} is outside the vocabulary (vocab_size {cfg.vocab_size})")
     if cfg.vision is not None and cfg.image_token_id is None:
         raise InputError(f"{where}: a model with a vision tower needs 'image_token_id'")
+    n_tensors = cfg.tensor_count()
+    if n_tensors > MAX_TENSORS:
+        raise InputError(f"{where}: the configured sizes ({cfg.num_hidden_layers} layers, {cfg.moe.num_experts} experts) "
+                         f"imply up to {n_tensors} weight tensors (limit {MAX_TENSORS}); refusing before allocating "
+                         f"anything")
     n_bytes = cfg.parameter_count() * 4
     if n_bytes > MAX_PARAMETER_BYTES:
         raise InputError(f"{where}: the configured sizes need {n_bytes / 2**30:.0f} GiB of fp32 weights "
@@ -290,6 +307,8 @@ def load_config(model_dir: Path) -> MoteConfig:
         raise InputError(f"{path}: not found (a model directory needs config.json)")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from None
     return parse_config(data, str(path))

@@ -43,12 +43,17 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
     missing = [k for k in expected if k not in state]
     if missing:
         raise InputError(f"{model_dir}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for name, (tensor, where) in state.items():
+    # Check and convert one tensor at a time, dropping the file's copy as we go: the bf16/fp16 file pages of a shard
+    # are released once its last tensor is converted, so peak memory stays near the fp32 size, not fp32 + file size.
+    weights = {}
+    for name in list(state):
+        tensor, where = state.pop(name)
         if name not in expected:
             raise InputError(f"{where}: unexpected tensor '{name}' for this config")
         _check_tensor(name, tensor, expected[name], where)
-    model.load_state_dict({k: v.to(expected[k].dtype).reshape(expected[k].shape) for k, (v, _) in state.items()},
-                          assign=True, strict=True)
+        weights[name] = tensor.to(expected[name].dtype).reshape(expected[name].shape)
+        del tensor
+    model.load_state_dict(weights, assign=True, strict=True)
     model.inv_freq = _rope_inv_freq(cfg)
     return model.eval()
 
@@ -63,9 +68,13 @@ def _tensor_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({model_dir / f for f in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError):
+            names = set(weight_map.values())
+            files = sorted(model_dir / f for f in names)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise InputError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        for name in sorted(names):
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise InputError(f"{index}: shard '{name}' must be a .safetensors file name inside the model directory")
         for f in files:
             if not f.is_file():
                 raise InputError(f"{index}: shard '{f.name}' does not exist")
@@ -107,11 +116,14 @@ def _unfuse_experts(state, cfg: MoteConfig):
         if tuple(tensor.shape) != want:
             raise InputError(f"{where}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(want)}")
         for e in range(e_n):
-            if kind == "gate_up_proj":
-                out[f"{prefix}.{e}.gate_proj.weight"] = (tensor[e, :inter], where)
-                out[f"{prefix}.{e}.up_proj.weight"] = (tensor[e, inter:], where)
-            else:
-                out[f"{prefix}.{e}.down_proj.weight"] = (tensor[e], where)
+            parts = ({"gate_proj": tensor[e, :inter], "up_proj": tensor[e, inter:]} if kind == "gate_up_proj"
+                     else {"down_proj": tensor[e]})
+            for proj, part in parts.items():
+                key = f"{prefix}.{e}.{proj}.weight"
+                if key in out:
+                    raise InputError(f"{where}: tensor '{name}' and tensor '{key}' (in {out[key][1].name}) both hold "
+                                     f"the weights of expert {e}")
+                out[key] = (part, where)
     return out
 
 

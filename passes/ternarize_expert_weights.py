@@ -73,9 +73,9 @@ def ternarize_expert_weights(ep) -> int:
         if latent is not None:
             w_node, s_node, per_channel = latent
             trits, scale = semantics.ternarize(constant_value(ep, w_node), per_channel)
-            target = spec_for(ep, w_node).target
-            packed = add_constant(ep, target + ".packed", pack_trits(trits))
-            scale_c = add_constant(ep, target + ".scale", scale.reshape(-1).clone())
+            module = spec_for(ep, w_node).target.rsplit(".", 1)[0]
+            packed = add_constant(ep, module + ".packed_trits", pack_trits(trits))
+            scale_c = add_constant(ep, module + ".trit_scale", scale.reshape(-1).clone())
             first_use = min(list(s_node.users), key=_order(graph))
             unpacked = call(graph, torch.ops.mote.unpack_trits.default, (packed, trits.shape[1]), first_use)
             s_view = call(graph, aten.view.default, (scale_c, list(scale.shape)), first_use)
@@ -90,9 +90,12 @@ def ternarize_expert_weights(ep) -> int:
             bad = (trits < -1) | (trits > 1)
             if bad.any():
                 raise InputError(f"tensor '{target}': {int(bad.sum())} pre-quantized values outside {{-1, 0, 1}}")
-            packed = add_constant(ep, target + ".packed", pack_trits(trits))
+            packed = add_constant(ep, target.rsplit(".", 1)[0] + ".packed_trits", pack_trits(trits))
             unpacked = call(graph, torch.ops.mote.unpack_trits.default, (packed, trits.shape[1]), node)
             node.replace_all_uses_with(unpacked)
+            for user in list(wq.users):   # dtype/shape asserts on the int8 tensor would keep it alive
+                if is_op(user, aten._assert_tensor_metadata.default):
+                    graph.erase_node(user)
             count += 1
     graph.eliminate_dead_code()
     remove_unused_constants(ep)     # the float / int8 weights are gone from the state dict, not just the graph

@@ -25,7 +25,10 @@ DEFAULT_PROMPT = "Describe the image:"
 
 
 class Progress:
-    """Step lines on stderr with their durations (so steps that take seconds are visible)."""
+    """Step lines on stdout with their durations (so steps that take seconds are visible).
+
+    stdout, not stderr: on failure stderr carries exactly one line, the error.
+    """
 
     def __init__(self, quiet: bool):
         self.quiet, self.timings = quiet, {}
@@ -33,12 +36,12 @@ class Progress:
     @contextlib.contextmanager
     def step(self, name: str, label: str):
         if not self.quiet:
-            print(f"mote-export: {label} ...", file=sys.stderr, flush=True)
+            print(f"mote-export: {label} ...", flush=True)
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
         if not self.quiet:
-            print(f"mote-export: {label} done in {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
+            print(f"mote-export: {label} done in {self.timings[name]:.1f} s", flush=True)
 
 
 def parse_args(argv):
@@ -134,10 +137,12 @@ def run(args) -> dict:
             report["verify"] = "passed" if ok else "failed"
             if not ok:
                 report["timings_s"] = progress.timings
-                print(json.dumps(report["numerics"], indent=1), file=sys.stderr)
+                print(json.dumps(report["numerics"], indent=1))
                 raise VerificationError(f"numerics check failed: {why}; no artifact was written to {out_dir}")
         report["timings_s"] = progress.timings
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        # The model's config travels with the artifacts: runners need its image size and token ids.
+        (staging / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2, sort_keys=True) + "\n")
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""`mote-run OUT_DIR`: caption an image (or continue a prompt) with exported artifacts, in the target's own runtime.
+
+    mote-run out/tiny-mote-onnx --image examples/tiny-mote/sample.png [--prompt "Describe the image:"]
+
+Reads `report.json` (which target, the KV-cache length) and `config.json` from OUT_DIR; nothing runs in PyTorch
+except tensor plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mote.export.errors import InputError, MoteError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mote-run", description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--image", type=Path, default=None)
+    ap.add_argument("--prompt", default="Describe the image:")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--suffix", default=None, help="artifact variant to run, e.g. .ort (onnx target)")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else 2
+    try:
+        from mote.export.config import load_config
+        from mote.export.generate import greedy_generate
+        from mote.export.io_utils import decode, preprocess_image, read_png
+        from mote.targets import get_target
+
+        report_path = args.out_dir / "report.json"
+        if not report_path.is_file():
+            raise InputError(f"{report_path}: not found (is {args.out_dir} a mote-export output directory?)")
+        report = json.loads(report_path.read_text())
+        cfg = load_config(args.out_dir)
+        pixel_values = None
+        if args.image is not None:
+            if cfg.vision is None:
+                raise InputError(f"{args.out_dir}: this model has no vision tower; drop --image")
+            if not args.image.is_file():
+                raise InputError(f"{args.image}: image not found")
+            pixel_values = preprocess_image(read_png(args.image), cfg.vision.image_size)
+        options = {"suffix": args.suffix} if args.suffix else {}
+        runner = get_target(report["target"]).runner(args.out_dir, None, report["max_seq_len"], options)
+        tokens, _ = greedy_generate(runner, args.prompt, pixel_values, args.max_new_tokens)
+    except MoteError as e:
+        print(f"mote-run: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(decode(tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
