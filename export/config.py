@@ -93,8 +93,9 @@ class MoteConfig:
         moe["moe_layers"] = list(moe["moe_layers"])
         moe["weight_scale"] = "per_channel" if moe.pop("per_channel_scale") else "per_tensor"
         d["moe"] = moe
-        if d["vision"] is None:
-            del d["vision"]
+        for optional in ("vision", "image_token_id"):
+            if d[optional] is None:
+                del d[optional]
         del d["source_format"]
         return d
 

@@ -9,6 +9,10 @@ import contextlib
 import io
 import logging
 import os
+import platform
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -80,24 +84,31 @@ def export_onnx(ep, path: Path, decoder: bool = False) -> None:
 
 
 def convert_to_ort(onnx_paths: list[Path]) -> list[Path]:
-    """ORT Mobile format next to each .onnx (com.microsoft ops included)."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    """ORT Mobile format next to each .onnx (com.microsoft ops included).
 
-    out = []
-    for p in onnx_paths:
-        tmp = p.parent / f".ort-{p.stem}"
-        tmp.mkdir()
-        (tmp / p.name).symlink_to(p.resolve())
-        with _quiet(), contextlib.redirect_stderr(io.StringIO()):
-            convert_onnx_models_to_ort(tmp, output_dir=tmp, optimization_styles=[OptimizationStyle.Fixed])
-        produced = tmp / f"{p.stem}.ort"
-        target = p.with_suffix(".ort")
-        produced.rename(target)
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        out.append(target)
-    return out
+    The converter runs in a child process with address-space randomisation off: ORT's flatbuffer writer orders
+    some tables by pointer, so with ASLR the same model gives differently ordered (equally valid) .ort bytes.
+    """
+    work = onnx_paths[0].parent / ".ort-convert"
+    work.mkdir()
+    try:
+        for p in onnx_paths:
+            (work / p.name).symlink_to(p.resolve())
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
+               "--optimization_style", "Fixed"]
+        if shutil.which("setarch"):
+            cmd = ["setarch", platform.machine(), "-R", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"onnx: .ort conversion failed: {proc.stderr.strip().splitlines()[-1:]}")
+        out = []
+        for p in onnx_paths:
+            target = p.with_suffix(".ort")
+            (work / f"{p.stem}.ort").rename(target)
+            out.append(target)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class OnnxTarget(Target):
