@@ -109,7 +109,7 @@ def run(args) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        options = {"portable": args.portable, "max_seq_len": max_seq_len}
+        options = {"experts": "portable" if args.portable else "qmoe", "max_seq_len": max_seq_len}
         with progress.step("lower", f"lowering to {args.target}"):
             lowered = target.lower(programs, model, staging, options)
         report = {

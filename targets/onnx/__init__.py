@@ -25,6 +25,11 @@ from mote.export.verify import Tolerance
 from mote.targets import Lowered, Target
 
 from .repack import lower_to_ort_layouts
+from .variants import PORTABLE_OPSET, to_fp32_experts, to_portable
+
+# How the routed experts are stored and run: QMoE 2-bit (default), standard ops only (--portable), or float32 MoE
+# (the benchmark's baseline).
+VARIANTS = {"qmoe": None, "portable": to_portable, "fp32": to_fp32_experts}
 
 OPSET = 21
 DEVIATIONS = [
@@ -70,7 +75,7 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def export_onnx(ep, path: Path, decoder: bool = False) -> None:
+def export_onnx(ep, path: Path, decoder: bool = False, postprocess=None) -> None:
     from .translate import TRANSLATIONS
 
     with _quiet():
@@ -79,6 +84,9 @@ def export_onnx(ep, path: Path, decoder: bool = False) -> None:
     model = program.model_proto
     if decoder:
         _rename_io(model, _decoder_io_names(model))
+    if postprocess is not None:
+        model = postprocess(model)
+        onnx.checker.check_model(model)
     model.producer_name, model.producer_version = "mote-export", "0.1.0"
     onnx.save_model(model, str(path), save_as_external_data=False)
 
@@ -125,15 +133,25 @@ class OnnxTarget(Target):
                 facts[k] += f[k]
             facts["blocks"] |= f["blocks"]
             path = out_dir / f"{name}.onnx"
-            export_onnx(ep, path, decoder=name == "text_decoder")
+            export_onnx(ep, path, decoder=name == "text_decoder", postprocess=VARIANTS[options.get("experts", "qmoe")])
             paths.append(path)
         ort_paths = convert_to_ort(paths)
-        notes = [f"routed experts: com.microsoft.QMoE, 2-bit codes, block-wise fp32 scales (block {sorted(facts['blocks'])}); "
-                 "only the top-k experts' weights are read per token",
-                 "KV cache: past_key_i/past_value_i inputs, present_key_i/present_value_i outputs, "
-                 f"static length {options['max_seq_len']}"]
+        variant = options.get("experts", "qmoe")
+        blocks = sorted(facts["blocks"])
+        cache = ("KV cache: past_key_i/past_value_i inputs, present_key_i/present_value_i outputs, "
+                 f"static length {options['max_seq_len']}")
+        if variant == "portable":
+            notes = [f"routed experts: standard ops only (opset {PORTABLE_OPSET}), INT2 DequantizeLinear + MatMul, "
+                     f"block-wise fp32 scales (block {blocks}); dense all-expert compute: standard ONNX has no op "
+                     "that reads only the selected experts' weights", cache]
+            deviations = ["onnx --portable: expert activations stay float (no per-token int8 quantization); "
+                          "ONNX Runtime may fuse DequantizeLinear+MatMul into MatMulNBits with int8 activations"]
+        else:
+            notes = [f"routed experts: com.microsoft.QMoE, 2-bit codes, block-wise fp32 scales (block {blocks}); "
+                     "only the top-k experts' weights are read per token", cache]
+            deviations = list(DEVIATIONS)
         return Lowered(artifacts=paths + ort_paths, routed_expert_weights=facts["weights"],
-                       routed_expert_bytes=facts["bytes"], deviations=list(DEVIATIONS), notes=notes)
+                       routed_expert_bytes=facts["bytes"], deviations=deviations, notes=notes)
 
     def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):
         return OrtRunner(out_dir, max_seq_len, suffix=options.get("suffix", ".onnx"))
