@@ -96,7 +96,7 @@ def _read_tensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
     state: dict[str, tuple[torch.Tensor, Path]] = {}
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as handle:
+            with safe_open(str(f), framework="pt", backend="pread") as handle:
                 for name in handle.keys():
                     if name in state:
                         raise InputError(f"{f}: tensor '{name}' is also in {state[name][1].name}")

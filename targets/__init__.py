@@ -14,6 +14,7 @@ from mote.export.verify import Tolerance
 
 # --target name -> module holding TARGET. Imported lazily: a target's toolchain loads only when it is used.
 REGISTRY = {
+    "android": "mote.targets.executorch",
     "onnx": "mote.targets.onnx",
 }
 

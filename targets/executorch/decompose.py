@@ -1,0 +1,73 @@
+"""ExecuTorch lowering of the `mote::` ops into portable ATen ops that read only the selected experts' 2-bit weights.
+
+    mote.moe_ffn(x, shared..., router, gate/up/down packed [E, rows, K/4] u8 + scales, k, renorm)
+      shared  = W_down (silu(W_gate x) * W_up x)  [* sigmoid(w_g x)]            -> XNNPACK (fp32 linears)
+      p, i    = topk(softmax(W_r x), k)    [p /= sum p]
+      for each token t and slot j:  e = i[t, j]
+        G, U, D = unpack(index_select(gate_packed, 0, e)), ...                  only the chosen experts' bytes
+        y_t    += p[t, j] * bitlinear(silu(bitlinear(x_t, G)) * bitlinear(x_t, U), D)
+    mote.ternary_linear(x, packed, scale, K) -> bitlinear(x, unpack(packed), scale)
+
+The 2-bit codes stay packed in the program (4 per byte, `code = trit + 2`) and are decoded per call with shifts and
+masks; activations are quantized exactly as the reference (per-token symmetric int8), and the integer dot products
+are exact in fp32, so the numerics are the reference's up to the order of the top-k sum.
+
+Prefill gathers one copy of the chosen experts' decoded weights per token (memory grows with T * k * expert size);
+a production kernel would group tokens by expert. At decode (T = 1) exactly k experts are read.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mote.export import semantics
+
+_SHIFTS = (0, 2, 4, 6)
+
+
+def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [..., ceil(K/4)] -> float trits [..., K] with shift/mask ops ExecuTorch's portable kernels have."""
+    p = packed.to(torch.int32)
+    codes = torch.stack([torch.bitwise_and(torch.bitwise_right_shift(p, s), 3) for s in _SHIFTS], dim=-1)
+    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * 4)
+    return codes[..., :k].to(torch.float32) - 2.0
+
+
+def _bitlinear_batched(v, trits, scale):
+    """v [N, K], trits [N, out, K], scale [N, 1 or out] -> [N, out]: Q8(v) . T^T * s_v * s_w per row."""
+    q, s_v = semantics.quantize_activations(v)
+    acc = torch.bmm(trits, q.unsqueeze(-1)).squeeze(-1)
+    return acc * s_v * scale
+
+
+def moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed, gate_scale,
+            up_packed, up_scale, down_packed, down_scale, top_k: int, norm_topk_prob: bool):
+    d = x.shape[-1]
+    inter = gate_packed.shape[1]
+    shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
+    if shared_expert_gate is not None:
+        shared = torch.sigmoid(F.linear(x, shared_expert_gate)) * shared
+    flat = x.reshape(-1, d)
+    probs = torch.softmax(F.linear(flat, router), dim=-1)
+    top_p, top_i = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    routed = torch.zeros_like(flat)
+    for j in range(top_k):
+        e = top_i[:, j]
+        g = _bitlinear_batched(flat, _unpack(torch.index_select(gate_packed, 0, e), d), torch.index_select(gate_scale, 0, e))
+        u = _bitlinear_batched(flat, _unpack(torch.index_select(up_packed, 0, e), d), torch.index_select(up_scale, 0, e))
+        h = F.silu(g) * u
+        o = _bitlinear_batched(h, _unpack(torch.index_select(down_packed, 0, e), inter), torch.index_select(down_scale, 0, e))
+        routed = routed + top_p[:, j : j + 1] * o
+    return shared + routed.reshape(x.shape)
+
+
+def ternary_linear(x, packed, scale, in_features: int):
+    return semantics.bitlinear(x, _unpack(packed, in_features), scale)
+
+
+DECOMPOSITIONS = {
+    torch.ops.mote.moe_ffn.default: moe_ffn,
+    torch.ops.mote.ternary_linear.default: ternary_linear,
+}

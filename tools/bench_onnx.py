@@ -1,0 +1,332 @@
+"""Benchmark of the ONNX target in onnxruntime: 2-bit ternary experts (QMoE) vs float32 experts (MoE), same model.
+
+    python -m mote.tools.bench_onnx [--quick] [--json out.json] [--threads 1]
+
+For each configuration (random text-only MoTE models, top-1) and for E and 4E routed experts, the same model is
+lowered twice with the real `onnx` target: the deployable export (routed experts as `com.microsoft.QMoE`, 2-bit codes,
+block-wise fp32 scales) and the benchmark baseline `experts="fp32"` (the same dequantized expert weights in float32
+`com.microsoft.MoE`). It reports
+
+- the size of `text_decoder.onnx` and the routed-expert bits per weight of both (ternary: what the target reports,
+  `Lowered.routed_expert_bits_per_weight`, cross-checked against the artifact; fp32: counted in the artifact);
+- prefill latency (T tokens from input_pos 0, empty cache) and decode-step latency (one token, after a prefill,
+  the KV cache fed back step by step) of the whole `text_decoder` in onnxruntime, median of repeats;
+- the expert-count scaling: decode latency with 4E experts over E (top-1 reads one expert per token either way).
+
+Sessions run on the CPU execution provider with an explicit thread count (1 intra-op and 1 inter-op thread by
+default, sequential execution) so that numbers are stable; all sessions of a configuration are timed interleaved
+(round-robin), so background load hits them alike. Timings are reported, never checked.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FP32_ROUTING_NOTE = ("the fp32 baseline (com.microsoft.MoE, no router_weights input) weighs the top-1 expert by 1.0 "
+                     "instead of its router probability; that changes its output, not its cost")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A random text-only MoTE (make_random_model.random_config arguments); `experts` is the base E (4E also runs)."""
+
+    name: str
+    hidden: int
+    expert_intermediate: int
+    intermediate: int          # the shared expert (the backbone's dense FFN, kept fp32)
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 260
+    experts: int = 4
+    top_k: int = 1
+
+    def config(self, experts: int, max_positions: int) -> dict:
+        from mote.tools.make_random_model import random_config
+
+        return random_config(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
+                             intermediate=self.intermediate, vocab=self.vocab, experts=experts, top_k=self.top_k,
+                             expert_intermediate=self.expert_intermediate, vision=False, max_positions=max_positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    shapes: tuple[ModelShape, ...]
+    expert_factor: int = 4
+    max_seq_len: int = 128
+    prefill_len: int = 64
+    prefill_warmup: int = 2
+    prefill_repeats: int = 10
+    decode_warmup: int = 5
+    decode_steps: int = 50
+
+
+TINY = ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256)
+MODES = {
+    # ~4-5 min on 2 cores, mostly the torch.export/ONNX export of the 4E fp32 model at realistic width
+    "default": Mode(shapes=(
+        TINY,
+        ModelShape("realistic (d=1024)", hidden=1024, expert_intermediate=1536, intermediate=2816, heads=8, vocab=1024),
+    )),
+    "quick": Mode(shapes=(
+        ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256, layers=1),
+        ModelShape("wide (d=512)", hidden=512, expert_intermediate=512, intermediate=1024, layers=1, vocab=512),
+    ), prefill_repeats=5, decode_steps=30),
+    # the smoke test: seconds, numbers meaningless
+    "smoke": Mode(shapes=(
+        ModelShape("smoke (d=64)", hidden=64, expert_intermediate=64, intermediate=128, layers=1, vocab=256,
+                   experts=2),
+    ), max_seq_len=32, prefill_len=8, prefill_warmup=1, prefill_repeats=2, decode_warmup=1, decode_steps=3),
+}
+VARIANTS = ("qmoe", "fp32")
+
+
+def routed_expert_storage(onnx_path: Path) -> dict:
+    """Bytes of the initializers feeding the routed-expert ops (QMoE / MoE weights and scales) in the artifact."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(onnx_path))
+    inits = {t.name: t for t in m.graph.initializer}
+    ops, blocks, total = set(), set(), 0
+    for node in m.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in ("QMoE", "MoE"):
+            ops.add(node.op_type)
+            blocks |= {a.i for a in node.attribute if a.name == "block_size"}
+            # inputs 0/1 are the activations and router logits; the rest that are initializers are expert storage
+            total += sum(numpy_helper.to_array(inits[n]).nbytes for n in node.input[2:] if n in inits)
+    return {"ops": sorted(ops), "blocks": sorted(blocks), "bytes": total}
+
+
+def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
+    """torch.export + the pass pipeline + the onnx target's lower(); only the text decoder is lowered."""
+    from mote.export.programs import KVCacheStyle, export_programs
+    from mote.passes.pipeline import run_pipeline
+    from mote.targets import get_target
+
+    # lower() rewrites the programs in place, so each variant exports its own (deterministic) copy
+    programs = export_programs(model, max_seq_len, KVCacheStyle.IO)
+    programs, _ = run_pipeline({"text_decoder": programs["text_decoder"]}, verify=False)
+    return get_target("onnx").lower(programs, model, out_dir, {"experts": variant, "max_seq_len": max_seq_len})
+
+
+class TimedDecoder:
+    """One text_decoder session, driven directly: embeds + input_pos + past_* in, logits + present_* out."""
+
+    def __init__(self, path: Path, threads: int, hidden: int, seed: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.rng = np.random.default_rng(seed)
+        self.hidden = hidden
+        self.empty = {i.name: np.zeros(i.shape, dtype=np.float32) for i in self.past}
+        self.cache = dict(self.empty)
+        self.pos = 0
+
+    def _embeds(self, t: int) -> np.ndarray:
+        return self.rng.standard_normal((1, t, self.hidden), dtype=np.float32)
+
+    def _run(self, embeds: np.ndarray, pos: int, cache: dict) -> tuple[float, dict]:
+        feeds = {"embeds": embeds, "input_pos": np.array([pos], dtype=np.int64), **cache}
+        t0 = time.perf_counter()
+        outs = self.session.run(None, feeds)
+        dt = time.perf_counter() - t0
+        return dt, dict(zip(self.outputs, outs))
+
+    def prefill(self, t: int) -> float:
+        """T tokens from position 0 into an empty cache (stateless: the cache is an input)."""
+        dt, _ = self._run(self._embeds(t), 0, self.empty)
+        return dt
+
+    def start_decode(self, prefill_len: int) -> None:
+        _, outs = self._run(self._embeds(prefill_len), 0, self.empty)
+        self.cache = {p.name: outs[p.name.replace("past_", "present_")] for p in self.past}
+        self.pos = prefill_len
+
+    def decode_step(self) -> float:
+        dt, outs = self._run(self._embeds(1), self.pos, self.cache)
+        self.cache = {p.name: outs[p.name.replace("past_", "present_")] for p in self.past}
+        self.pos += 1
+        return dt
+
+
+def time_interleaved(decoders: dict, mode: Mode) -> dict:
+    """Median prefill and decode-step latencies (ms) per session, the sessions timed round-robin."""
+    prefill = {k: [] for k in decoders}
+    for r in range(mode.prefill_warmup + mode.prefill_repeats):
+        for k, d in decoders.items():
+            dt = d.prefill(mode.prefill_len)
+            if r >= mode.prefill_warmup:
+                prefill[k].append(dt)
+    decode = {k: [] for k in decoders}
+    for d in decoders.values():
+        d.start_decode(mode.prefill_len)
+    for s in range(mode.decode_warmup + mode.decode_steps):
+        for k, d in decoders.items():
+            dt = d.decode_step()
+            if s >= mode.decode_warmup:
+                decode[k].append(dt)
+    return {k: {"prefill_ms": 1e3 * statistics.median(prefill[k]), "decode_ms": 1e3 * statistics.median(decode[k])}
+            for k in decoders}
+
+
+def bench_shape(shape: ModelShape, mode: Mode, threads: int, work: Path, log) -> list[dict]:
+    import torch
+
+    from mote.tools.make_random_model import random_model
+
+    rows, decoders, tmp_dirs = [], {}, []
+    for experts in (shape.experts, shape.experts * mode.expert_factor):
+        cfg = shape.config(experts, mode.max_seq_len)
+        model = random_model(cfg, seed=0)
+        with torch.no_grad():
+            row = {"config": shape.name, "hidden": shape.hidden, "expert_intermediate": shape.expert_intermediate,
+                   "shared_intermediate": shape.intermediate, "layers": shape.layers, "vocab": shape.vocab,
+                   "experts": experts, "top_k": shape.top_k, "parameters": model.config.parameter_count()}
+        for variant in VARIANTS:
+            out = Path(tempfile.mkdtemp(prefix=f"{variant}-E{experts}-", dir=work))
+            tmp_dirs.append(out)
+            t0 = time.perf_counter()
+            lowered = lower_variant(model, variant, mode.max_seq_len, out)
+            path = out / "text_decoder.onnx"
+            storage = routed_expert_storage(path)
+            n = lowered.routed_expert_weights
+            facts = {"onnx_bytes": path.stat().st_size, "routed_expert_weights": n,
+                     "routed_expert_bytes": storage["bytes"], "expert_ops": storage["ops"],
+                     "bits_per_weight": storage["bytes"] * 8 / n, "lower_s": time.perf_counter() - t0}
+            if variant == "qmoe":
+                # what the target reports (report.json's routed_expert_bits_per_weight) must be what the file holds
+                facts["bits_per_weight_reported"] = lowered.routed_expert_bits_per_weight
+                facts["blocks"] = storage["blocks"]
+            row[variant] = facts
+            log(f"bench_onnx: {shape.name} E={experts} {variant}: lowered in {facts['lower_s']:.1f} s, "
+                f"text_decoder.onnx {facts['onnx_bytes'] / 1e6:.2f} MB, {facts['bits_per_weight']:.4f} bits/weight")
+            decoders[(experts, variant)] = TimedDecoder(path, threads, shape.hidden, seed=experts)
+        del model
+        rows.append(row)
+    log(f"bench_onnx: {shape.name}: timing {len(decoders)} sessions (prefill T={mode.prefill_len}, "
+        f"{mode.decode_steps} decode steps)")
+    times = time_interleaved(decoders, mode)
+    for row in rows:
+        for variant in VARIANTS:
+            row[variant].update(times[(row["experts"], variant)])
+        t, f = row["qmoe"], row["fp32"]
+        row["bits_ratio_fp32_over_ternary"] = f["bits_per_weight"] / t["bits_per_weight"]
+        row["bytes_ratio_fp32_over_ternary"] = f["onnx_bytes"] / t["onnx_bytes"]
+        row["prefill_ratio_fp32_over_ternary"] = f["prefill_ms"] / t["prefill_ms"]
+        row["decode_ratio_fp32_over_ternary"] = f["decode_ms"] / t["decode_ms"]
+    return rows
+
+
+def scaling_rows(rows: list[dict], factor: int) -> list[dict]:
+    out = []
+    by_key = {(r["config"], r["experts"]): r for r in rows}
+    for r in rows:
+        big = by_key.get((r["config"], r["experts"] * factor))
+        if big is None:
+            continue
+        for variant in VARIANTS:
+            out.append({"config": r["config"], "variant": variant, "experts": r["experts"],
+                        "experts_scaled": big["experts"], "top_k": r["top_k"],
+                        "decode_ms": r[variant]["decode_ms"], "decode_ms_scaled": big[variant]["decode_ms"],
+                        "decode_ratio": big[variant]["decode_ms"] / r[variant]["decode_ms"],
+                        "prefill_ms": r[variant]["prefill_ms"], "prefill_ms_scaled": big[variant]["prefill_ms"],
+                        "prefill_ratio": big[variant]["prefill_ms"] / r[variant]["prefill_ms"],
+                        "onnx_bytes_ratio": big[variant]["onnx_bytes"] / r[variant]["onnx_bytes"]})
+    return out
+
+
+def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None = None, log=None) -> dict:
+    """The whole benchmark; returns a JSON-able dict with `settings`, `rows`, `scaling` and `notes`."""
+    import onnxruntime as ort
+
+    log = log or (lambda msg: None)
+    m = MODES[mode]
+    t0 = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
+        for shape in m.shapes:
+            rows += bench_shape(shape, m, threads, Path(work), log)
+    settings = {"mode": mode, "threads": {"intra_op": threads, "inter_op": 1, "execution": "sequential"},
+                "onnxruntime": ort.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+                "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len, "prefill_repeats": m.prefill_repeats,
+                "decode_warmup": m.decode_warmup, "decode_steps": m.decode_steps,
+                "decode_positions": [m.prefill_len, m.prefill_len + m.decode_warmup + m.decode_steps - 1],
+                "expert_factor": m.expert_factor, "wall_s": round(time.perf_counter() - t0, 1)}
+    notes = [
+        FP32_ROUTING_NOTE,
+        "fp32 experts = the ternary experts dequantized (same model, same routing); both variants run the same "
+        "attention, fp32 shared expert, router and lm head, so latencies are of the whole text_decoder",
+        "com.microsoft.QMoE's block-wise 2-bit kernel quantizes the expert activations itself (a declared deviation)",
+        "bits/weight = routed-expert weight + scale bytes in text_decoder.onnx x 8 / routed-expert weights; "
+        "2 + 32/block for the ternary export (block = largest of 32..512 dividing K and the expert width)",
+        f"latency: median; prefill = {m.prefill_len} tokens from input_pos 0; decode = one token per step at "
+        f"positions {m.prefill_len}..{m.prefill_len + m.decode_warmup + m.decode_steps - 1} after a prefill "
+        f"(first {m.decode_warmup} steps not timed); static KV cache of {m.max_seq_len}; CPU EP, "
+        f"{threads} intra-op thread(s)",
+    ]
+    return {"settings": settings, "rows": rows, "scaling": scaling_rows(rows, m.expert_factor), "notes": notes}
+
+
+def format_table(result: dict) -> str:
+    hdr = (f"{'config':<20} {'E':>3} {'blk':>4} {'bits/w tern':>11} {'bits/w fp32':>11} {'MB tern':>8} "
+           f"{'MB fp32':>8} {'bytes x':>7} | {'prefill ms tern':>15} {'fp32':>8} {'x':>5} | "
+           f"{'decode ms tern':>14} {'fp32':>7} {'x':>5}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in result["rows"]:
+        t, f = r["qmoe"], r["fp32"]
+        blk = ",".join(str(b) for b in t.get("blocks", [])) or "-"
+        lines.append(
+            f"{r['config']:<20} {r['experts']:>3} {blk:>4} {t['bits_per_weight']:>11.4f} {f['bits_per_weight']:>11.2f} "
+            f"{t['onnx_bytes'] / 1e6:>8.2f} {f['onnx_bytes'] / 1e6:>8.2f} {r['bytes_ratio_fp32_over_ternary']:>7.2f} | "
+            f"{t['prefill_ms']:>15.3f} {f['prefill_ms']:>8.3f} {r['prefill_ratio_fp32_over_ternary']:>5.2f} | "
+            f"{t['decode_ms']:>14.3f} {f['decode_ms']:>7.3f} {r['decode_ratio_fp32_over_ternary']:>5.2f}")
+    lines.append("(x = fp32 / ternary; MB = text_decoder.onnx; blk = QMoE scale block)")
+    if result["scaling"]:
+        lines += ["", f"{'expert-count scaling (top-1)':<30} {'variant':<8} {'E -> 4E':>8} "
+                      f"{'decode ms E':>11} {'4E':>8} {'4E/E':>6} | {'prefill ms E':>12} {'4E':>8} {'4E/E':>6}"]
+        for s in result["scaling"]:
+            lines.append(f"{s['config']:<30} {('ternary' if s['variant'] == 'qmoe' else 'fp32'):<8} "
+                         f"{str(s['experts']) + ' -> ' + str(s['experts_scaled']):>8} {s['decode_ms']:>11.3f} "
+                         f"{s['decode_ms_scaled']:>8.3f} {s['decode_ratio']:>6.2f} | {s['prefill_ms']:>12.3f} "
+                         f"{s['prefill_ms_scaled']:>8.3f} {s['prefill_ratio']:>6.2f}")
+    st = result["settings"]
+    lines += ["", f"onnxruntime {st['onnxruntime']}, {st['machine']}, {st['cpus']} CPUs, intra-op threads "
+                  f"{st['threads']['intra_op']}, inter-op 1, sequential; benchmark wall time {st['wall_s']} s"]
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (under a minute)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    a = ap.parse_args(argv)
+    result = run_benchmark("quick" if a.quick else "default", a.threads,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if a.json is not None:
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
