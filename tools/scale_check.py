@@ -1,12 +1,13 @@
 """Scale check: load a Qwen2.5-0.5B-shaped MoTE and measure the loader's peak memory (the issue's 8 GB bound).
 
-    python -m mote.tools.scale_check [--dir D] [--limit-gib 8] [--forward]
+    python -m mote.tools.scale_check [--dir D] [--layout sharded|single] [--limit-gib 8] [--forward]
 
 Writes a random model shaped like Qwen2.5-0.5B with its FFNs turned into MoTE blocks (hidden 896, 24 layers, 14
 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings; every layer a MoTE block with the dense FFN as
 the shared expert and 4 routed experts of 4864, top-1, latent float experts, no vision tower): about 1.75 B weights,
-stored as bfloat16 in 25 shards + `model.safetensors.index.json` (3.5 GB on disk). It is written shard by shard,
-never materialising the whole model. Then `mote.export.loader.load_model` runs in a fresh subprocess; its peak RSS
+stored as bfloat16 (3.5 GB on disk) either in 25 shards + `model.safetensors.index.json` (default) or, with
+`--layout single`, in one `model.safetensors` (what `save_pretrained` writes below its 5 GB shard size). Either
+way it is written tensor by tensor, never materialising the whole model. Then `mote.export.loader.load_model` runs in a fresh subprocess; its peak RSS
 (`getrusage(RUSAGE_CHILDREN).ru_maxrss`) and load time are reported. Exit code 0 if the peak is within the limit,
 1 if not (or the load failed).
 
@@ -56,8 +57,9 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidd
     return t.to(torch.bfloat16)
 
 
-def write_model(out_dir: Path, cfg_dict: dict, seed: int = 0) -> dict:
-    """Write config.json, one shard per decoder layer (+ one for embeddings and final norm) and the index."""
+def write_model(out_dir: Path, cfg_dict: dict, seed: int = 0, layout: str = "sharded") -> dict:
+    """Write config.json and the weights: one shard per decoder layer (+ one for embeddings and final norm) and the
+    index, or (layout "single") one model.safetensors streamed tensor by tensor."""
     cfg = parse_config(cfg_dict)
     with torch.device("meta"):                       # names and shapes only: no memory
         shapes = {k: tuple(v.shape) for k, v in MoteForConditionalGeneration(cfg).state_dict().items()}
@@ -70,20 +72,44 @@ def write_model(out_dir: Path, cfg_dict: dict, seed: int = 0) -> dict:
     ordered = [groups.pop("rest")] + [groups[k] for k in sorted(groups, key=lambda k: int(k.split(".")[2]))]
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
-    for i, names in enumerate(ordered):
-        fname = f"model-{i + 1:05d}-of-{len(ordered):05d}.safetensors"
-        shard = {n: _random_tensor(n, shapes[n], gen, cfg.hidden_size) for n in sorted(names)}
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-        weight_map.update({n: fname for n in names})
-        del shard
-    (out_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=1, sort_keys=True) + "\n")
+    make = lambda n: _random_tensor(n, shapes[n], gen, cfg.hidden_size)  # noqa: E731
+    if layout == "single":
+        total = _write_streaming(out_dir / "model.safetensors", [n for g in ordered for n in sorted(g)], shapes, make)
+        n_files = 1
+    else:
+        weight_map, total, n_files = {}, 0, len(ordered)
+        for i, names in enumerate(ordered):
+            fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+            shard = {n: make(n) for n in sorted(names)}
+            save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            weight_map.update({n: fname for n in names})
+            del shard
+        (out_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=1, sort_keys=True) + "\n")
     # config.json last: a directory with a config is a complete one (see --dir reuse).
     (out_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-    return {"parameters": sum(math.prod(s) for s in shapes.values()), "bytes_on_disk": total,
-            "shards": len(ordered), "fp32_bytes": 4 * sum(math.prod(s) for s in shapes.values())}
+    n_params = sum(math.prod(s) for s in shapes.values())
+    return {"parameters": n_params, "bytes_on_disk": total, "files": n_files, "fp32_bytes": 4 * n_params}
+
+
+def _write_streaming(path: Path, names: list[str], shapes: dict, make) -> int:
+    """One safetensors file (bf16 tensors in `names` order) written tensor by tensor: the header first (the shapes
+    are known), then each tensor's bytes as `make(name)` produces them."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        nbytes = 2 * math.prod(shapes[n])
+        header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for n in names:
+            t = make(n)
+            assert t.dtype == torch.bfloat16 and tuple(t.shape) == shapes[n]
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return offset
 
 
 _CHILD = """
@@ -128,6 +154,8 @@ def measure_load(model_dir: Path, forward: bool = False) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=None, help="write (and keep) the model here (default: a temp dir)")
+    ap.add_argument("--layout", choices=("sharded", "single"), default="sharded",
+                    help="25 shards + index (default) or one model.safetensors")
     ap.add_argument("--limit-gib", type=float, default=8.0, help="peak RSS allowed for the load (default 8)")
     ap.add_argument("--forward", action="store_true", help="also run one 3-token decode step after loading")
     ap.add_argument("--seed", type=int, default=0)
@@ -140,14 +168,18 @@ def main(argv=None) -> int:
         model_dir = tmp / "qwen2.5-0.5b-mote"
     try:
         cfg = qwen25_05b_mote_config()
-        if (model_dir / "config.json").is_file() and json.loads((model_dir / "config.json").read_text()) == cfg:
+        single = (model_dir / "model.safetensors").is_file()
+        if ((model_dir / "config.json").is_file() and json.loads((model_dir / "config.json").read_text()) == cfg
+                and single == (a.layout == "single")):
             print(f"scale_check: reusing {model_dir}", flush=True)
             facts = {}
         else:
             print(f"scale_check: writing a Qwen2.5-0.5B-shaped MoTE to {model_dir} ...", flush=True)
             t0 = time.perf_counter()
-            facts = write_model(model_dir, cfg, a.seed)
-            print(f"scale_check: wrote {facts['parameters'] / 1e9:.3f} B weights, {facts['shards']} shards, "
+            if model_dir.exists() and (model_dir / "config.json").is_file():
+                raise SystemExit(f"scale_check: {model_dir} holds another model; give an empty or new --dir")
+            facts = write_model(model_dir, cfg, a.seed, a.layout)
+            print(f"scale_check: wrote {facts['parameters'] / 1e9:.3f} B weights, {facts['files']} file(s), "
                   f"{facts['bytes_on_disk'] / 2**30:.2f} GiB bf16 on disk (fp32: {facts['fp32_bytes'] / 2**30:.2f} "
                   f"GiB) in {time.perf_counter() - t0:.1f} s", flush=True)
         print("scale_check: loading it with mote.export.loader.load_model in a fresh subprocess ...", flush=True)
@@ -161,7 +193,7 @@ def main(argv=None) -> int:
           f"{r['parameters_loaded'] / 1e9:.3f} B weights loaded, peak RSS {peak_gib:.2f} GiB "
           f"(limit {a.limit_gib:g} GiB): {'OK' if ok else 'OVER THE LIMIT'}"
           + (f"; forward logits finite: {r['forward_logits_finite']}" if "forward_logits_finite" in r else ""))
-    print(json.dumps({**facts, **r, "peak_rss_gib": round(peak_gib, 3), "limit_gib": a.limit_gib, "ok": ok}))
+    print(json.dumps({**facts, **r, "layout": a.layout, "peak_rss_gib": round(peak_gib, 3), "limit_gib": a.limit_gib, "ok": ok}))
     return 0 if ok else 1
 
 
