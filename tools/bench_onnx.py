@@ -273,6 +273,7 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
     log = log or (lambda msg: None)
     m = MODES[mode]
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
         for shape in m.shapes:
@@ -282,7 +283,9 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
                 "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len, "prefill_repeats": m.prefill_repeats,
                 "decode_warmup": m.decode_warmup, "decode_steps": m.decode_steps,
                 "decode_positions": [m.prefill_len, m.prefill_len + m.decode_warmup + m.decode_steps - 1],
-                "wall_s": round(time.perf_counter() - t0, 1)}
+                "wall_s": round(time.perf_counter() - t0, 1),
+                # other processes on the machine disturb timings: the 1-minute load average before and after
+                "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
     notes = [
         FP32_ROUTING_NOTE,
         "fp32 experts = the ternary experts dequantized (same model, same routing); both variants run the same "
@@ -324,7 +327,8 @@ def format_table(result: dict) -> str:
                          f"{s['prefill_ms_scaled']:>8.3f} {s['prefill_ratio']:>6.2f}")
     st = result["settings"]
     lines += ["", f"onnxruntime {st['onnxruntime']}, {st['machine']}, {st['cpus']} CPUs, intra-op threads "
-                  f"{st['threads']['intra_op']}, inter-op 1, sequential; benchmark wall time {st['wall_s']} s"]
+                  f"{st['threads']['intra_op']}, inter-op 1, sequential; benchmark wall time {st['wall_s']} s; "
+                  f"1-min load average {st['load_average_1min'][0]} before, {st['load_average_1min'][1]} after"]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 
@@ -337,9 +341,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     result = run_benchmark("quick" if a.quick else "default", a.threads,
                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(format_table(result))
     if a.json is not None:
         a.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
     return 0
 
 
