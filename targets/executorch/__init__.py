@@ -24,7 +24,7 @@ from mote.passes.match import is_op
 from mote.passes.program import constant_value
 from mote.targets import Lowered, Target
 
-from .decompose import DECOMPOSITIONS
+from .decompose import DECOMPOSITIONS, use_float_experts
 
 PTE_NAME = "model.pte"
 
@@ -72,13 +72,19 @@ def constant_methods(model, max_seq_len: int) -> dict:
     }
 
 
-def to_pte(programs: dict, model, max_seq_len: int):
-    """ExportedPrograms (after the pass pipeline) -> ExecuTorch program manager."""
+def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False):
+    """ExportedPrograms (after the pass pipeline) -> ExecuTorch program manager.
+
+    `float_experts` builds the benchmark's fp32 baseline: the same gather structure over float32 expert weights.
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    if float_experts:
+        for ep in programs.values():
+            use_float_experts(ep)
     with _quiet():
         decomposed = {name: ep.run_decompositions(DECOMPOSITIONS) for name, ep in programs.items()}
         edge = to_edge_transform_and_lower(
@@ -116,7 +122,10 @@ class ExecuTorchTarget(Target):
 
     def lower(self, programs, model, out_dir: Path, options: dict) -> Lowered:
         weights, nbytes = routed_expert_storage(programs["text_decoder"])
-        edge, et = to_pte(programs, model, options["max_seq_len"])
+        float_experts = options.get("experts") == "fp32"
+        if float_experts:
+            nbytes = weights * 4
+        edge, et = to_pte(programs, model, options["max_seq_len"], float_experts)
         path = out_dir / PTE_NAME
         path.write_bytes(et.buffer)
         summary = delegation_summary(edge)

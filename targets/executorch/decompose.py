@@ -71,3 +71,65 @@ DECOMPOSITIONS = {
     torch.ops.mote.moe_ffn.default: moe_ffn,
     torch.ops.mote.ternary_linear.default: ternary_linear,
 }
+
+
+# -- fp32 baseline (benchmarks only): the same gather structure over float32 expert weights ------------------------
+
+@torch.library.custom_op("mote_et::moe_ffn_float", mutates_args=())
+def moe_ffn_float(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor,
+                  shared_expert_gate: torch.Tensor | None, router: torch.Tensor, gate_w: torch.Tensor,
+                  up_w: torch.Tensor, down_w: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    return _moe_ffn_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
+                          top_k, norm_topk_prob)
+
+
+@moe_ffn_float.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def _moe_ffn_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
+                   top_k: int, norm_topk_prob: bool):
+    d = x.shape[-1]
+    shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
+    if shared_expert_gate is not None:
+        shared = torch.sigmoid(F.linear(x, shared_expert_gate)) * shared
+    flat = x.reshape(-1, d)
+    probs = torch.softmax(F.linear(flat, router), dim=-1)
+    top_p, top_i = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    routed = torch.zeros_like(flat)
+    for j in range(top_k):
+        e = top_i[:, j]
+        g = torch.bmm(torch.index_select(gate_w, 0, e), flat.unsqueeze(-1)).squeeze(-1)
+        u = torch.bmm(torch.index_select(up_w, 0, e), flat.unsqueeze(-1)).squeeze(-1)
+        o = torch.bmm(torch.index_select(down_w, 0, e), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        routed = routed + top_p[:, j : j + 1] * o
+    return shared + routed.reshape(x.shape)
+
+
+DECOMPOSITIONS[torch.ops.mote_et.moe_ffn_float.default] = _moe_ffn_float
+
+
+def use_float_experts(ep) -> None:
+    """Rewrite each mote.moe_ffn into mote_et.moe_ffn_float with dequantized fp32 expert weights (in place)."""
+    from mote.passes.match import is_op
+    from mote.passes.ops import unpack
+    from mote.passes.program import add_constant, call, constant_value, remove_unused_constants, spec_for
+
+    for node in list(ep.graph.nodes):
+        if not is_op(node, torch.ops.mote.moe_ffn.default):
+            continue
+        x, sg, su, sd, seg, router, gp, gs, upk, us, dp, ds, k, renorm = node.args
+        d, inter = x.meta["val"].shape[-1], constant_value(ep, gp).shape[1]
+        base = spec_for(ep, gp).target.rsplit(".", 1)[0]
+        weights = []
+        for name, packed, scale, k_in in (("gate", gp, gs, d), ("up", upk, us, d), ("down", dp, ds, inter)):
+            w = unpack(constant_value(ep, packed), k_in) * constant_value(ep, scale).unsqueeze(-1)
+            weights.append(add_constant(ep, f"{base}.{name}_fp32", w.contiguous()))
+        new = call(ep.graph, torch.ops.mote_et.moe_ffn_float.default, (x, sg, su, sd, seg, router, *weights, k, renorm), node)
+        node.replace_all_uses_with(new)
+        ep.graph.erase_node(node)
+    remove_unused_constants(ep)
+    ep.graph_module.recompile()
