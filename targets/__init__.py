@@ -5,8 +5,12 @@ them, writes its artifacts and gives back a runner over its real runtime for the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
+import logging
+import warnings
 from pathlib import Path
 
 from mote.export.programs import KVCacheStyle
@@ -45,6 +49,18 @@ class Target:
     def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):  # pragma: no cover - interface
         """A runner (see export.generate) executing the saved artifacts in the target's runtime."""
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def quiet_toolchain():
+    """Exporters print progress, warnings and log lines on every call; the CLI shows its own lines instead."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def get_target(name: str) -> Target:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mote.export.loader import load_model, save_model
+from mote.export.loader import load_model
 from mote.tools.cli import main
 from mote.tools.make_random_model import random_config, random_model, write_qwen2_moe
 

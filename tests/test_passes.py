@@ -3,7 +3,6 @@
 Models: several MoE layers with a dense layer between them, top-2 with renormalisation, per-channel scales,
 pre-quantized experts, and the Hugging Face Qwen2-MoE layout (shared-expert gate, fused 3-D expert tensors).
 """
-import copy
 
 import pytest
 import torch

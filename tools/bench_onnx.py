@@ -69,27 +69,30 @@ class Mode:
     max_seq_len: int = 128
     prefill_len: int = 64
     prefill_warmup: int = 2
-    prefill_repeats: int = 10
+    prefill_repeats: int = 10        # at least; more until each session spent min_seconds (or max_prefill_repeats)
     decode_warmup: int = 5
-    decode_steps: int = 50
+    decode_steps: int = 50           # per round (prefill, then steps); more rounds until min_seconds
+    min_seconds: float = 1.0
+    max_prefill_repeats: int = 200
+    max_decode_rounds: int = 10
 
 
-TINY = ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256)
 MODES = {
     # ~3 min on 2 cores (4.3 GB peak RSS), mostly exporting the realistic-width models (the 4E fp32 one: 0.7 GB)
     "default": Mode(shapes=(
-        TINY,
+        ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256),
         ModelShape("realistic (d=1024)", hidden=1024, expert_intermediate=1536, intermediate=2816, heads=8, vocab=1024),
     )),
     "quick": Mode(shapes=(
         ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256, layers=1, experts=(4,)),
         ModelShape("wide (d=512)", hidden=512, expert_intermediate=512, intermediate=1024, layers=1, vocab=512),
-    ), prefill_repeats=5, decode_steps=30),
+    ), prefill_repeats=5, decode_steps=30, min_seconds=0.3),
     # the smoke test: seconds, numbers meaningless
     "smoke": Mode(shapes=(
         ModelShape("smoke (d=64)", hidden=64, expert_intermediate=64, intermediate=128, layers=1, vocab=256,
                    experts=(2, 8)),
-    ), max_seq_len=32, prefill_len=8, prefill_warmup=1, prefill_repeats=2, decode_warmup=1, decode_steps=3),
+    ), max_seq_len=32, prefill_len=8, prefill_warmup=1, prefill_repeats=2, decode_warmup=1, decode_steps=3,
+                   min_seconds=0.0),
 }
 VARIANTS = ("qmoe", "fp32")
 
@@ -117,8 +120,6 @@ def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
     The `.ort` copies lower() also writes are not timed here (their graph is the `.onnx` one, pre-optimised), so
     their conversion (a subprocess, seconds per model) is skipped.
     """
-    from unittest import mock
-
     import mote.targets.onnx as onnx_target
     from mote.export.programs import KVCacheStyle, export_programs
     from mote.passes.pipeline import run_pipeline
@@ -126,8 +127,8 @@ def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
     # lower() rewrites the programs in place, so each variant exports its own (deterministic) copy
     programs = export_programs(model, max_seq_len, KVCacheStyle.IO)
     programs, _ = run_pipeline({"text_decoder": programs["text_decoder"]}, verify=False)
-    with mock.patch.object(onnx_target, "convert_to_ort", lambda paths: []):
-        return onnx_target.TARGET.lower(programs, model, out_dir, {"experts": variant, "max_seq_len": max_seq_len})
+    return onnx_target.TARGET.lower(programs, model, out_dir,
+                                    {"experts": variant, "max_seq_len": max_seq_len, "ort": False})
 
 
 class TimedDecoder:
@@ -178,41 +179,54 @@ class TimedDecoder:
 
 
 def time_interleaved(decoders: dict, mode: Mode) -> dict:
-    """Median prefill and decode-step latencies (ms) per session, the sessions timed round-robin."""
+    """Prefill and decode-step latencies (ms: median, min, samples) per session, the sessions timed round-robin.
+
+    Prefill: at least `prefill_repeats` samples, more (up to `max_prefill_repeats`) until every session has spent
+    `min_seconds`. Decode: rounds of a prefill then `decode_warmup` untimed + `decode_steps` timed steps (the positions
+    must stay inside the static cache), at least one round, more (up to `max_decode_rounds`) likewise.
+    """
     prefill = {k: [] for k in decoders}
-    for r in range(mode.prefill_warmup + mode.prefill_repeats):
+    for _ in range(mode.prefill_warmup):
+        for d in decoders.values():
+            d.prefill(mode.prefill_len)
+    while True:
         for k, d in decoders.items():
-            dt = d.prefill(mode.prefill_len)
-            if r >= mode.prefill_warmup:
-                prefill[k].append(dt)
+            prefill[k].append(d.prefill(mode.prefill_len))
+        n = len(next(iter(prefill.values())))
+        if n >= mode.max_prefill_repeats or (
+                n >= mode.prefill_repeats and min(sum(v) for v in prefill.values()) >= mode.min_seconds):
+            break
     decode = {k: [] for k in decoders}
-    for d in decoders.values():
-        d.start_decode(mode.prefill_len)
-    for s in range(mode.decode_warmup + mode.decode_steps):
-        for k, d in decoders.items():
-            dt = d.decode_step()
-            if s >= mode.decode_warmup:
-                decode[k].append(dt)
-    return {k: {"prefill_ms": 1e3 * statistics.median(prefill[k]), "decode_ms": 1e3 * statistics.median(decode[k])}
-            for k in decoders}
+    for rnd in range(mode.max_decode_rounds):
+        for d in decoders.values():
+            d.start_decode(mode.prefill_len)
+        for s in range(mode.decode_warmup + mode.decode_steps):
+            for k, d in decoders.items():
+                dt = d.decode_step()
+                if s >= mode.decode_warmup:
+                    decode[k].append(dt)
+        if min(sum(v) for v in decode.values()) >= mode.min_seconds:
+            break
+
+    def stats(samples: list[float], what: str) -> dict:
+        return {f"{what}_ms": 1e3 * statistics.median(samples), f"{what}_min_ms": 1e3 * min(samples),
+                f"{what}_samples": len(samples)}
+
+    return {k: {**stats(prefill[k], "prefill"), **stats(decode[k], "decode")} for k in decoders}
 
 
 def bench_shape(shape: ModelShape, mode: Mode, threads: int, work: Path, log) -> list[dict]:
-    import torch
-
+    """Lower each expert count x variant, then time all sessions together. One row per expert count."""
     from mote.tools.make_random_model import random_model
 
-    rows, decoders, tmp_dirs = [], {}, []
+    rows, decoders = [], {}
     for experts in shape.experts:
-        cfg = shape.config(experts, mode.max_seq_len)
-        model = random_model(cfg, seed=0)
-        with torch.no_grad():
-            row = {"config": shape.name, "hidden": shape.hidden, "expert_intermediate": shape.expert_intermediate,
-                   "shared_intermediate": shape.intermediate, "layers": shape.layers, "vocab": shape.vocab,
-                   "experts": experts, "top_k": shape.top_k, "parameters": model.config.parameter_count()}
+        model = random_model(shape.config(experts, mode.max_seq_len), seed=0)
+        row = {"config": shape.name, "hidden": shape.hidden, "expert_intermediate": shape.expert_intermediate,
+               "shared_intermediate": shape.intermediate, "layers": shape.layers, "vocab": shape.vocab,
+               "experts": experts, "top_k": shape.top_k, "parameters": model.config.parameter_count()}
         for variant in VARIANTS:
             out = Path(tempfile.mkdtemp(prefix=f"{variant}-E{experts}-", dir=work))
-            tmp_dirs.append(out)
             t0 = time.perf_counter()
             lowered = lower_variant(model, variant, mode.max_seq_len, out)
             path = out / "text_decoder.onnx"
@@ -230,11 +244,12 @@ def bench_shape(shape: ModelShape, mode: Mode, threads: int, work: Path, log) ->
             row[variant] = facts
             log(f"bench_onnx: {shape.name} E={experts} {variant}: lowered in {facts['lower_s']:.1f} s, "
                 f"text_decoder.onnx {facts['onnx_bytes'] / 1e6:.2f} MB, {facts['bits_per_weight']:.4f} bits/weight")
+            # same seed for both variants: the same input embeddings, so the same routing decisions
             decoders[(experts, variant)] = TimedDecoder(path, threads, shape.hidden, seed=experts)
         del model
         rows.append(row)
     log(f"bench_onnx: {shape.name}: timing {len(decoders)} sessions (prefill T={mode.prefill_len}, "
-        f"{mode.decode_steps} decode steps)")
+        f"decode rounds of {mode.decode_steps} steps, >= {mode.min_seconds} s each)")
     times = time_interleaved(decoders, mode)
     for row in rows:
         for variant in VARIANTS:
@@ -280,8 +295,9 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
             rows += bench_shape(shape, m, threads, Path(work), log)
     settings = {"mode": mode, "threads": {"intra_op": threads, "inter_op": 1, "execution": "sequential"},
                 "onnxruntime": ort.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-                "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len, "prefill_repeats": m.prefill_repeats,
-                "decode_warmup": m.decode_warmup, "decode_steps": m.decode_steps,
+                "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len, "prefill_repeats_min": m.prefill_repeats,
+                "decode_warmup": m.decode_warmup, "decode_steps_per_round": m.decode_steps,
+                "min_seconds_per_session": m.min_seconds,
                 "decode_positions": [m.prefill_len, m.prefill_len + m.decode_warmup + m.decode_steps - 1],
                 "wall_s": round(time.perf_counter() - t0, 1),
                 # other processes on the machine disturb timings: the 1-minute load average before and after
@@ -293,10 +309,11 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
         "com.microsoft.QMoE's block-wise 2-bit kernel quantizes the expert activations itself (a declared deviation)",
         "bits/weight = routed-expert weight + scale bytes in text_decoder.onnx x 8 / routed-expert weights; "
         "2 + 32/block for the ternary export (block = largest of 32..512 dividing K and the expert width)",
-        f"latency: median; prefill = {m.prefill_len} tokens from input_pos 0; decode = one token per step at "
-        f"positions {m.prefill_len}..{m.prefill_len + m.decode_warmup + m.decode_steps - 1} after a prefill "
-        f"(first {m.decode_warmup} steps not timed); static KV cache of {m.max_seq_len}; CPU EP, "
-        f"{threads} intra-op thread(s)",
+        f"latency: median (JSON also has min and sample counts); prefill = {m.prefill_len} tokens from input_pos 0, "
+        f">= {m.prefill_repeats} runs; decode = one token per step at positions {m.prefill_len}.."
+        f"{m.prefill_len + m.decode_warmup + m.decode_steps - 1} after a prefill (first {m.decode_warmup} steps of "
+        f"each round not timed), rounds repeated until >= {m.min_seconds} s per session; static KV cache of "
+        f"{m.max_seq_len}; CPU EP, {threads} intra-op thread(s); sessions timed round-robin",
     ]
     return {"settings": settings, "rows": rows, "scaling": scaling_rows(rows), "notes": notes}
 

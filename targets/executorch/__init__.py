@@ -10,10 +10,6 @@ linears) is delegated to XNNPACK in fp32.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,22 +18,11 @@ from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
 from mote.passes.match import is_op
 from mote.passes.program import constant_value
-from mote.targets import Lowered, Target
+from mote.targets import Lowered, Target, quiet_toolchain
 
 from .decompose import DECOMPOSITIONS, use_float_experts
 
 PTE_NAME = "model.pte"
-
-
-@contextlib.contextmanager
-def _quiet():
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def routed_expert_storage(ep) -> tuple[int, int]:
@@ -85,7 +70,7 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False)
     if float_experts:
         for ep in programs.values():
             use_float_experts(ep)
-    with _quiet():
+    with quiet_toolchain():
         decomposed = {name: ep.run_decompositions(DECOMPOSITIONS) for name, ep in programs.items()}
         edge = to_edge_transform_and_lower(
             decomposed, partitioner=[XnnpackPartitioner()],

@@ -5,15 +5,11 @@ Artifacts: `vision_encoder.onnx`, `token_embedding.onnx`, `text_decoder.onnx` (K
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,7 @@ import torch
 
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.targets import Lowered, Target
+from mote.targets import Lowered, Target, quiet_toolchain
 
 from .repack import lower_to_ort_layouts
 from .variants import PORTABLE_OPSET, to_fp32_experts, to_portable
@@ -63,22 +59,10 @@ def _decoder_io_names(model: onnx.ModelProto) -> dict[str, str]:
     return mapping
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torch.onnx prints progress and warnings on every export; keep the CLI output to our own lines."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def export_onnx(ep, path: Path, decoder: bool = False, postprocess=None) -> None:
     from .translate import TRANSLATIONS
 
-    with _quiet():
+    with quiet_toolchain():
         program = torch.onnx.export(ep, args=ep.example_inputs[0], dynamo=True, opset_version=OPSET,
                                     custom_translation_table=TRANSLATIONS, optimize=True, verbose=False)
     model = program.model_proto
@@ -135,8 +119,10 @@ class OnnxTarget(Target):
             path = out_dir / f"{name}.onnx"
             export_onnx(ep, path, decoder=name == "text_decoder", postprocess=VARIANTS[options.get("experts", "qmoe")])
             paths.append(path)
-        ort_paths = convert_to_ort(paths)
+        ort_paths = convert_to_ort(paths) if options.get("ort", True) else []
         variant = options.get("experts", "qmoe")
+        if variant == "fp32":   # the benchmark baseline stores the experts as float32
+            facts["bytes"] = facts["weights"] * 4
         blocks = sorted(facts["blocks"])
         cache = ("KV cache: past_key_i/past_value_i inputs, present_key_i/present_value_i outputs, "
                  f"static length {options['max_seq_len']}")

@@ -1,0 +1,398 @@
+"""Benchmark of the android target in ExecuTorch's runtime: 2-bit ternary experts vs float32 experts, same model.
+
+    python -m mote.tools.bench_executorch [--quick] [--json out.json] [--threads 1]
+
+For each expert count (random text-only MoTE models, top-1; default E=4 and 4E=16 experts) the same model is
+lowered twice with the real `android` target: the deployable export (routed experts as 2-bit codes + fp32 scales,
+decoded in the program by portable ops) and the benchmark baseline `experts="fp32"` (the same top-k gather over the
+dequantized expert weights in float32, float activations). It reports
+
+- the size of `model.pte` (token_embedding + text_decoder + the runner's constant methods) and the routed-expert
+  bits per weight of both (`Lowered.routed_expert_bits_per_weight`, also counted in the `.pte`'s constants);
+- prefill latency (T tokens from input_pos 0) and decode-step latency (one token per step after a prefill, the KV
+  cache being the method's own mutable buffers) of the whole `text_decoder` method in `executorch.runtime`, medians;
+- the expert-count scaling: latencies with 4E experts over E (top-1 reads one expert per token either way).
+
+Lowering a `.pte` costs ~10-60 s per model (XNNPACK partitioning), so the benchmark lowers only 4 models
+(2 variants x 2 expert counts) of one shape. All loaded programs are timed interleaved (round-robin), so background
+load hits them alike. The XNNPACK threadpool is set to `--threads` (1 by default). Timings are reported, never checked.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FP32_BASELINE_NOTE = (
+    "fp32 baseline (experts=\"fp32\", benchmark-only): the same model, router and top-k gather (index_select of "
+    "the chosen experts, bmm), over the ternary experts dequantized to float32, with float activations (no "
+    "activation quantization); attention, shared expert, router and lm head are the same XNNPACK fp32 delegates "
+    "in both variants")
+TERNARY_PATH_NOTE = (
+    "ternary path: each call gathers the chosen experts' packed 2-bit codes and decodes them with portable "
+    "ExecuTorch ops (shift/mask/stack/cast to float) before the bmm, plus per-token int8 activation quantization; "
+    "this is unoptimised (no fused low-bit kernel), so it can be slower than fp32 here; the latencies below are "
+    "measured as they are")
+
+# .pte scalar types (executorch ScalarType) -> bytes per element, for counting constants read back from the file
+_ELEMENT_SIZE = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 11: 1, 15: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A random text-only MoTE (make_random_model.random_config arguments), benchmarked at each routed-expert count."""
+
+    name: str
+    hidden: int
+    expert_intermediate: int
+    intermediate: int          # the shared expert (the backbone's dense FFN, kept fp32)
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 260
+    experts: tuple[int, ...] = (4, 16)   # E and 4E: the expert-count scaling
+    top_k: int = 1
+
+    def config(self, experts: int, max_positions: int) -> dict:
+        from mote.tools.make_random_model import random_config
+
+        return random_config(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
+                             intermediate=self.intermediate, vocab=self.vocab, experts=experts, top_k=self.top_k,
+                             expert_intermediate=self.expert_intermediate, vision=False, max_positions=max_positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    shapes: tuple[ModelShape, ...]
+    max_seq_len: int = 64
+    prefill_len: int = 32        # timed prefill: T tokens from input_pos 0
+    prefill_warmup: int = 2
+    prefill_repeats: int = 10
+    decode_prefix: int = 16      # untimed prefill before the decode steps
+    decode_warmup: int = 5
+    decode_steps: int = 30
+
+    def __post_init__(self):
+        assert self.prefill_len <= self.max_seq_len
+        assert self.decode_prefix + self.decode_warmup + self.decode_steps <= self.max_seq_len, "decode past the cache"
+
+
+MODES = {
+    # 4 lowerings of a d=256 model: a few minutes on 2 idle cores
+    "default": Mode(shapes=(
+        ModelShape("d=256 I_e=512", hidden=256, expert_intermediate=512, intermediate=512),
+    )),
+    # 4 lowerings of a 1-layer d=128 model (~40 s idle, ~90 s under load), few steps
+    "quick": Mode(shapes=(
+        ModelShape("quick d=128 I_e=256", hidden=128, expert_intermediate=256, intermediate=256, layers=1),
+    ), max_seq_len=32, prefill_len=16, prefill_repeats=5, decode_prefix=8, decode_warmup=3, decode_steps=15),
+    # the smoke test: 2 lowerings, no scaling, numbers meaningless
+    "smoke": Mode(shapes=(
+        ModelShape("smoke d=64", hidden=64, expert_intermediate=64, intermediate=128, layers=1, experts=(2,)),
+    ), max_seq_len=16, prefill_len=4, prefill_warmup=1, prefill_repeats=2, decode_prefix=2, decode_warmup=1,
+        decode_steps=3),
+}
+VARIANTS = ("qmoe", "fp32")
+
+
+def pte_routed_expert_bytes(pte_path: Path, num_experts: int) -> dict:
+    """Routed-expert constants of `text_decoder` read back from the `.pte`.
+
+    The gathered expert tensors are the plan's 3-D constants [E, rows, K or K/4] (uint8 codes or float32 weights) and
+    the 2-D float scales [E, 1 or rows]; XNNPACK-delegated weights live in delegate blobs and are not counted.
+    """
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte_path.read_bytes()).program
+    codes = floats = 0
+    for plan in program.execution_plan:
+        if plan.name != "text_decoder":
+            continue
+        for v in plan.values:
+            t = v.val
+            if type(t).__name__ != "Tensor" or t.data_buffer_idx <= 0 or not t.sizes or t.sizes[0] != num_experts:
+                continue
+            n = 1
+            for s in t.sizes:
+                n *= s
+            dtype = int(t.scalar_type)
+            if len(t.sizes) == 3 or (len(t.sizes) == 2 and dtype == 6):
+                if dtype == 0:
+                    codes += n
+                else:
+                    floats += n * _ELEMENT_SIZE.get(dtype, 4)
+    return {"uint8_code_bytes": codes, "float_bytes": floats, "bytes": codes + floats}
+
+
+def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
+    """torch.export + the pass pipeline + the android target's lower() (all programs of the text-only model)."""
+    from mote.export.programs import KVCacheStyle, export_programs
+    from mote.passes.pipeline import run_pipeline
+    from mote.targets.executorch import TARGET
+
+    # lower() rewrites the programs in place (fp32 baseline), so each variant exports its own (deterministic) copy
+    programs = export_programs(model, max_seq_len, KVCacheStyle.STATE)
+    programs, _ = run_pipeline(programs, verify=False)
+    return TARGET.lower(programs, model, out_dir, {"experts": variant, "max_seq_len": max_seq_len})
+
+
+def _delegation(lowered) -> dict | None:
+    """The text_decoder entry of the target's delegation note (XNNPACK delegate count, ops left on portable kernels)."""
+    for note in lowered.notes:
+        if note.startswith("delegation: "):
+            try:
+                return ast.literal_eval(note[len("delegation: "):]).get("text_decoder")
+            except (ValueError, SyntaxError):
+                return None
+    return None
+
+
+class TimedDecoder:
+    """The `.pte`'s text_decoder through the target's PteRunner; the KV cache is the method's mutable buffers."""
+
+    def __init__(self, out_dir: Path, max_seq_len: int, hidden: int, seed: int):
+        import torch
+
+        from mote.targets.executorch import TARGET
+
+        self.runner = TARGET.runner(out_dir, None, max_seq_len, {})
+        self.gen = torch.Generator().manual_seed(seed)
+        self.hidden = hidden
+        self.pos = 0
+
+    def _run(self, t: int, pos: int) -> float:
+        import torch
+
+        embeds = torch.randn(1, t, self.hidden, generator=self.gen)
+        input_pos = torch.tensor([pos], dtype=torch.long)
+        t0 = time.perf_counter()
+        self.runner.text_decoder(embeds, input_pos)
+        return time.perf_counter() - t0
+
+    def prefill(self, t: int) -> float:
+        """T tokens from position 0 (overwrites cache rows 0..T-1; later rows are masked by input_pos)."""
+        return self._run(t, 0)
+
+    def start_decode(self, prefix: int) -> None:
+        self.runner.reset()          # a freshly loaded method: zeroed KV cache (not timed)
+        self._run(prefix, 0)
+        self.pos = prefix
+
+    def decode_step(self) -> float:
+        dt = self._run(1, self.pos)
+        self.pos += 1
+        return dt
+
+
+def time_interleaved(decoders: dict, mode: Mode) -> dict:
+    """Median prefill and decode-step latencies (ms) per program, the programs timed round-robin."""
+    prefill = {k: [] for k in decoders}
+    for r in range(mode.prefill_warmup + mode.prefill_repeats):
+        for k, d in decoders.items():
+            dt = d.prefill(mode.prefill_len)
+            if r >= mode.prefill_warmup:
+                prefill[k].append(dt)
+    decode = {k: [] for k in decoders}
+    for d in decoders.values():
+        d.start_decode(mode.decode_prefix)
+    for s in range(mode.decode_warmup + mode.decode_steps):
+        for k, d in decoders.items():
+            dt = d.decode_step()
+            if s >= mode.decode_warmup:
+                decode[k].append(dt)
+    return {k: {"prefill_ms": 1e3 * statistics.median(prefill[k]), "decode_ms": 1e3 * statistics.median(decode[k])}
+            for k in decoders}
+
+
+def bench_shape(shape: ModelShape, mode: Mode, work: Path, log) -> list[dict]:
+    from mote.tools.make_random_model import random_model
+
+    rows, decoders = [], {}
+    for experts in shape.experts:
+        cfg = shape.config(experts, mode.max_seq_len)
+        model = random_model(cfg, seed=0)
+        row = {"config": shape.name, "hidden": shape.hidden, "expert_intermediate": shape.expert_intermediate,
+               "shared_intermediate": shape.intermediate, "layers": shape.layers, "heads": shape.heads,
+               "kv_heads": shape.kv_heads, "vocab": shape.vocab, "experts": experts, "top_k": shape.top_k,
+               "parameters": model.config.parameter_count()}
+        for variant in VARIANTS:
+            out = Path(tempfile.mkdtemp(prefix=f"{variant}-E{experts}-", dir=work))
+            t0 = time.perf_counter()
+            lowered = lower_variant(model, variant, mode.max_seq_len, out)
+            lower_s = time.perf_counter() - t0
+            path = out / "model.pte"
+            n = lowered.routed_expert_weights
+            in_pte = pte_routed_expert_bytes(path, experts)
+            facts = {"pte_bytes": path.stat().st_size, "routed_expert_weights": n,
+                     "routed_expert_bytes": lowered.routed_expert_bytes,
+                     "bits_per_weight": lowered.routed_expert_bits_per_weight,
+                     # the same count from the constants stored in the file: reported must equal stored
+                     "bits_per_weight_in_pte": in_pte["bytes"] * 8 / n,
+                     "code_bits_per_weight_in_pte": in_pte["uint8_code_bytes"] * 8 / n,
+                     "reported_matches_pte": in_pte["bytes"] == lowered.routed_expert_bytes,
+                     "delegation": _delegation(lowered), "lower_s": round(lower_s, 1)}
+            row[variant] = facts
+            log(f"bench_executorch: {shape.name} E={experts} {variant}: lowered in {lower_s:.1f} s, "
+                f"model.pte {facts['pte_bytes'] / 1e6:.2f} MB, {facts['bits_per_weight']:.4f} bits/weight "
+                f"({facts['bits_per_weight_in_pte']:.4f} counted in the .pte)")
+            decoders[(experts, variant)] = TimedDecoder(out, mode.max_seq_len, shape.hidden, seed=experts)
+        del model
+        rows.append(row)
+    log(f"bench_executorch: {shape.name}: timing {len(decoders)} programs (prefill T={mode.prefill_len}, "
+        f"{mode.decode_steps} decode steps)")
+    times = time_interleaved(decoders, mode)
+    for row in rows:
+        for variant in VARIANTS:
+            row[variant].update(times[(row["experts"], variant)])
+        t, f = row["qmoe"], row["fp32"]
+        row["bits_ratio_fp32_over_ternary"] = f["bits_per_weight"] / t["bits_per_weight"]
+        row["bytes_ratio_fp32_over_ternary"] = f["pte_bytes"] / t["pte_bytes"]
+        row["prefill_ratio_fp32_over_ternary"] = f["prefill_ms"] / t["prefill_ms"]
+        row["decode_ratio_fp32_over_ternary"] = f["decode_ms"] / t["decode_ms"]
+    return rows
+
+
+def scaling_rows(rows: list[dict]) -> list[dict]:
+    """Per configuration benchmarked at several expert counts: the largest E against the smallest."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["experts"])
+        if len(mine) < 2:
+            continue
+        r, big = mine[0], mine[-1]
+        for variant in VARIANTS:
+            out.append({"config": r["config"], "variant": variant, "experts": r["experts"],
+                        "experts_scaled": big["experts"], "top_k": r["top_k"],
+                        "decode_ms": r[variant]["decode_ms"], "decode_ms_scaled": big[variant]["decode_ms"],
+                        "decode_ratio": big[variant]["decode_ms"] / r[variant]["decode_ms"],
+                        "prefill_ms": r[variant]["prefill_ms"], "prefill_ms_scaled": big[variant]["prefill_ms"],
+                        "prefill_ratio": big[variant]["prefill_ms"] / r[variant]["prefill_ms"],
+                        "pte_bytes_ratio": big[variant]["pte_bytes"] / r[variant]["pte_bytes"]})
+    return out
+
+
+def delegation_notes(rows: list[dict]) -> list[str]:
+    """What differs between the variants' text_decoder on the portable kernels (from the target's delegation note)."""
+    if not rows or not rows[0]["qmoe"]["delegation"] or not rows[0]["fp32"]["delegation"]:
+        return []
+    t, f = rows[0]["qmoe"]["delegation"], rows[0]["fp32"]["delegation"]
+    tp, fp = t["portable_ops"], f["portable_ops"]
+    more = [f"{o.split('.')[0]} {n}" + (f" (fp32: {fp[o]})" if o in fp else "")
+            for o, n in sorted(tp.items()) if n > fp.get(o, 0) and o not in ("alloc", "view")]
+    bmm = "bmm" in " ".join(tp) or "bmm" in " ".join(fp)
+    return [f"text_decoder ({rows[0]['config']}, E={rows[0]['experts']}): {t['xnnpack_delegates']} XNNPACK "
+            f"delegate calls ternary vs {f['xnnpack_delegates']} fp32; extra portable-kernel ops in the ternary "
+            f"variant: {', '.join(more) or 'none'}; the expert bmm is "
+            f"{'partly on portable kernels' if bmm else 'delegated to XNNPACK (fp32) in both variants'}"]
+
+
+def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None = None, log=None) -> dict:
+    """The whole benchmark; returns a JSON-able dict with `settings`, `rows`, `scaling` and `notes`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from executorch.extension.pybindings import portable_lib
+
+    log = log or (lambda msg: None)
+    m = MODES[mode]
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    # XNNPACK's (and ExecuTorch's parallel_for's) threadpool; set before any program is loaded
+    portable_lib._unsafe_reset_threadpool(threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mote-bench-et-", dir=work_dir) as work:
+        for shape in m.shapes:
+            rows += bench_shape(shape, m, Path(work), log)
+    last_pos = m.decode_prefix + m.decode_warmup + m.decode_steps - 1
+    try:
+        et_version = version("executorch")
+    except PackageNotFoundError:
+        et_version = "unknown"
+    settings = {"mode": mode, "threads": portable_lib._threadpool_get_thread_count(), "executorch": et_version, "machine": platform.machine(),
+                "cpus": os.cpu_count(), "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len,
+                "prefill_repeats": m.prefill_repeats, "decode_prefix": m.decode_prefix,
+                "decode_warmup": m.decode_warmup, "decode_steps": m.decode_steps,
+                "decode_positions": [m.decode_prefix, last_pos],
+                "wall_s": round(time.perf_counter() - t0, 1),
+                # other processes on the machine disturb timings: the 1-minute load average before and after
+                "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+    notes = [
+        FP32_BASELINE_NOTE,
+        TERNARY_PATH_NOTE,
+        "bits/weight = routed-expert code + scale bytes x 8 / routed-expert weights, as the target reports it "
+        "(Lowered.routed_expert_bits_per_weight) and as counted in the .pte's text_decoder constants "
+        "(JSON: bits_per_weight_in_pte, reported_matches_pte); these random models have per-tensor scales "
+        "(32 / (rows x K) bits each), so the ternary figure is ~2.0 at this width and at realistic widths alike",
+        "MB = the whole model.pte: token_embedding (fp32 embedding table) + text_decoder (attention, fp32 shared "
+        "expert, router, lm head, routed experts) + constant methods; only the routed experts differ",
+        f"latency: median of the whole text_decoder method in executorch.runtime (Python call included); prefill = "
+        f"{m.prefill_len} tokens from input_pos 0 ({m.prefill_repeats} timed after {m.prefill_warmup} warm-up); "
+        f"decode = one token per step at positions {m.decode_prefix}..{last_pos} after a {m.decode_prefix}-token "
+        f"prefill (first {m.decode_warmup} steps not timed); static KV cache of {m.max_seq_len}; "
+        f"threadpool {settings['threads']} thread(s); programs timed round-robin",
+        "prefill gathers one copy of the chosen experts per token in both variants (memory and time grow with "
+        "T x k x expert size); a production kernel would group tokens by expert",
+    ]
+    notes += delegation_notes(rows)
+    return {"settings": settings, "rows": rows, "scaling": scaling_rows(rows), "notes": notes}
+
+
+def format_table(result: dict) -> str:
+    hdr = (f"{'config':<22} {'E':>3} {'bits/w tern':>11} {'bits/w fp32':>11} {'bits x':>6} "
+           f"{'MB tern':>8} {'MB fp32':>8} {'bytes x':>7} | {'prefill ms tern':>15} {'fp32':>8} {'x':>5} | "
+           f"{'decode ms tern':>14} {'fp32':>7} {'x':>5}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in result["rows"]:
+        t, f = r["qmoe"], r["fp32"]
+        lines.append(
+            f"{r['config']:<22} {r['experts']:>3} {t['bits_per_weight']:>11.4f} {f['bits_per_weight']:>11.2f} "
+            f"{r['bits_ratio_fp32_over_ternary']:>6.2f} {t['pte_bytes'] / 1e6:>8.2f} {f['pte_bytes'] / 1e6:>8.2f} "
+            f"{r['bytes_ratio_fp32_over_ternary']:>7.2f} | "
+            f"{t['prefill_ms']:>15.3f} {f['prefill_ms']:>8.3f} {r['prefill_ratio_fp32_over_ternary']:>5.2f} | "
+            f"{t['decode_ms']:>14.3f} {f['decode_ms']:>7.3f} {r['decode_ratio_fp32_over_ternary']:>5.2f}")
+    lines.append("(x = fp32 / ternary, > 1 means ternary smaller/faster; bits = routed-expert storage per weight; "
+                 "MB = model.pte)")
+    if result["scaling"]:
+        lines += ["", f"{'expert-count scaling (top-1)':<30} {'variant':<8} {'E -> 4E':>8} "
+                      f"{'decode ms E':>11} {'4E':>8} {'4E/E':>6} | {'prefill ms E':>12} {'4E':>8} {'4E/E':>6} | "
+                      f"{'MB 4E/E':>7}"]
+        for s in result["scaling"]:
+            lines.append(f"{s['config']:<30} {('ternary' if s['variant'] == 'qmoe' else 'fp32'):<8} "
+                         f"{str(s['experts']) + ' -> ' + str(s['experts_scaled']):>8} {s['decode_ms']:>11.3f} "
+                         f"{s['decode_ms_scaled']:>8.3f} {s['decode_ratio']:>6.2f} | {s['prefill_ms']:>12.3f} "
+                         f"{s['prefill_ms_scaled']:>8.3f} {s['prefill_ratio']:>6.2f} | {s['pte_bytes_ratio']:>7.2f}")
+    st = result["settings"]
+    shapes = {(r["config"], r["hidden"], r["expert_intermediate"], r["shared_intermediate"], r["layers"], r["heads"],
+               r["kv_heads"], r["vocab"], r["top_k"]) for r in result["rows"]}
+    lines += [""] + [f"{c}: hidden {d}, expert intermediate {ie}, shared intermediate {i}, {n} layers, {h} heads "
+                     f"({kv} kv), vocab {v}, top-{k}" for c, d, ie, i, n, h, kv, v, k in sorted(shapes)]
+    lines += [f"executorch {st['executorch']}, {st['machine']}, {st['cpus']} CPUs, threadpool {st['threads']}; "
+              f"benchmark wall time {st['wall_s']} s; 1-min load average {st['load_average_1min'][0]} before, "
+              f"{st['load_average_1min'][1]} after"]
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 1-layer d=128 model and few repeats (~1 minute)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--threads", type=int, default=1, help="ExecuTorch threadpool size (default 1)")
+    a = ap.parse_args(argv)
+    result = run_benchmark("quick" if a.quick else "default", a.threads,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if a.json is not None:
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
