@@ -116,3 +116,25 @@ def test_example_exports_verifies_and_captions(tmp_path):
     assert sample["color"] in caption and sample["shape"] in caption
     ref_tokens, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt, pixel_values, 64)
     assert tokens == ref_tokens
+
+
+@pytest.mark.skipif(not (EXAMPLE / "config.json").is_file(), reason="example model not trained yet")
+def test_executorch_multimodal_runner_captions_the_sample(tmp_path):
+    """ExecuTorch's own C++ MultimodalRunner loads the .pte (+ tokenizer.json) and captions like our runner does."""
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
+    from executorch.extension.llm.runner import make_token_input
+
+    out = tmp_path / "android"
+    report = _export(EXAMPLE, out, "--no-verify")
+    model = load_model(EXAMPLE)
+    pixel_values = preprocess_image(read_png(EXAMPLE / "sample.png"), model.config.vision.image_size)
+    prompt = (EXAMPLE / "prompt.txt").read_text().strip()
+    runner = MultimodalRunner(str(out / "model.pte"), str(out / "tokenizer.json"))
+    config = GenerationConfig()
+    config.max_new_tokens, config.echo, config.temperature = 48, False, 0.0
+    pieces = []
+    runner.generate([make_token_input([model.config.bos_token_id]), make_image_input(pixel_values),
+                     make_text_input(prompt)], config, token_callback=pieces.append)
+    ours, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt, pixel_values, 48)
+    expected = decode([t for t in ours if t < 256])
+    assert "".join(pieces).startswith(expected[:32]) and len(expected) >= 32

@@ -315,9 +315,9 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
         et_version = version("executorch")
     except PackageNotFoundError:
         et_version = "unknown"
-    settings = {"mode": mode, "threads": portable_lib._threadpool_get_thread_count(), "executorch": et_version, "machine": platform.machine(),
-                "cpus": os.cpu_count(), "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len,
-                "prefill_repeats": m.prefill_repeats, "decode_prefix": m.decode_prefix,
+    settings = {"mode": mode, "threads": portable_lib._threadpool_get_thread_count(), "executorch": et_version,
+                "machine": platform.machine(), "cpus": os.cpu_count(), "max_seq_len": m.max_seq_len,
+                "prefill_len": m.prefill_len, "prefill_repeats": m.prefill_repeats, "decode_prefix": m.decode_prefix,
                 "decode_warmup": m.decode_warmup, "decode_steps": m.decode_steps,
                 "decode_positions": [m.decode_prefix, last_pos],
                 "wall_s": round(time.perf_counter() - t0, 1),
@@ -371,8 +371,8 @@ def format_table(result: dict) -> str:
     st = result["settings"]
     shapes = {(r["config"], r["hidden"], r["expert_intermediate"], r["shared_intermediate"], r["layers"], r["heads"],
                r["kv_heads"], r["vocab"], r["top_k"]) for r in result["rows"]}
-    lines += [""] + [f"{c}: hidden {d}, expert intermediate {ie}, shared intermediate {i}, {n} layers, {h} heads "
-                     f"({kv} kv), vocab {v}, top-{k}" for c, d, ie, i, n, h, kv, v, k in sorted(shapes)]
+    lines += [""] + [f"model {c}: hidden {d}, expert intermediate {ie}, shared intermediate {i}, {n} layers, "
+                     f"{h} heads ({kv} kv), vocab {v}, top-{k}" for c, d, ie, i, n, h, kv, v, k in sorted(shapes)]
     lines += [f"executorch {st['executorch']}, {st['machine']}, {st['cpus']} CPUs, threadpool {st['threads']}; "
               f"benchmark wall time {st['wall_s']} s; 1-min load average {st['load_average_1min'][0]} before, "
               f"{st['load_average_1min'][1]} after"]

@@ -141,13 +141,25 @@ def run(args) -> dict:
                 raise VerificationError(f"numerics check failed: {why}; no artifact was written to {out_dir}")
         report["timings_s"] = progress.timings
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        # The model's config travels with the artifacts: runners need its image size and token ids.
+        # The model's config and tokenizer travel with the artifacts: runners need the image size, token ids and
+        # the vocabulary (the model's own tokenizer.json, else the byte-level one our vocabulary implies).
         (staging / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2, sort_keys=True) + "\n")
+        write_tokenizer(args.model_dir, model.config, staging)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report["out_dir"] = str(out_dir)
     return report
+
+
+def write_tokenizer(model_dir: Path, cfg, out_dir: Path) -> None:
+    from mote.export.io_utils import BYTE_VOCAB, byte_tokenizer_json
+
+    own = model_dir / "tokenizer.json"
+    if own.is_file():
+        shutil.copyfile(own, out_dir / "tokenizer.json")
+    elif cfg.vocab_size == BYTE_VOCAB:
+        (out_dir / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False, sort_keys=True))
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
