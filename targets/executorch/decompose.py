@@ -25,12 +25,22 @@ from mote.export import semantics
 _SHIFTS = (0, 2, 4, 6)
 
 
+def _byte_to_trits(device) -> torch.Tensor:
+    """[256, 4] float: the four trits (lowest bits first) each packed byte stands for.
+
+    Built from arange inside the graph (1024 elements, negligible) rather than as a lifted constant tensor.
+    """
+    byte = torch.arange(256, dtype=torch.int64, device=device)
+    codes = torch.stack([torch.bitwise_and(torch.bitwise_right_shift(byte, s), 3) for s in _SHIFTS], dim=-1)
+    return codes.to(torch.float32) - 2.0
+
+
 def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """uint8 [..., ceil(K/4)] -> float trits [..., K] with shift/mask ops ExecuTorch's portable kernels have."""
-    p = packed.to(torch.int32)
-    codes = torch.stack([torch.bitwise_and(torch.bitwise_right_shift(p, s), 3) for s in _SHIFTS], dim=-1)
-    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * 4)
-    return codes[..., :k].to(torch.float32) - 2.0
+    """uint8 [..., ceil(K/4)] -> float trits [..., K]: one table lookup per byte (an embedding gather), which runs
+    as a single portable kernel instead of four shift/mask passes and a stack."""
+    trits = F.embedding(packed.to(torch.int64), _byte_to_trits(packed.device))
+    trits = trits.reshape(*packed.shape[:-1], packed.shape[-1] * 4)
+    return trits[..., :k] if k != packed.shape[-1] * 4 else trits
 
 
 def _bitlinear_batched(v, trits, scale):
