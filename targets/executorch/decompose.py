@@ -50,27 +50,37 @@ def _bitlinear_batched(v, trits, scale):
     return acc * s_v * scale
 
 
-def moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed, gate_scale,
-            up_packed, up_scale, down_packed, down_scale, top_k: int, norm_topk_prob: bool):
-    d = x.shape[-1]
-    inter = gate_packed.shape[1]
+def _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, top_k: int,
+                  norm_topk_prob: bool, expert):
+    """shared(x) + sum_j p_j * expert(x_flat, e_j): the routing both variants share; `expert` reads expert e's
+    weights with index_select, so only the top-k experts are touched."""
     shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
     if shared_expert_gate is not None:
         shared = torch.sigmoid(F.linear(x, shared_expert_gate)) * shared
-    flat = x.reshape(-1, d)
+    flat = x.reshape(-1, x.shape[-1])
     probs = torch.softmax(F.linear(flat, router), dim=-1)
     top_p, top_i = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     routed = torch.zeros_like(flat)
     for j in range(top_k):
-        e = top_i[:, j]
-        g = _bitlinear_batched(flat, _unpack(torch.index_select(gate_packed, 0, e), d), torch.index_select(gate_scale, 0, e))
-        u = _bitlinear_batched(flat, _unpack(torch.index_select(up_packed, 0, e), d), torch.index_select(up_scale, 0, e))
-        h = F.silu(g) * u
-        o = _bitlinear_batched(h, _unpack(torch.index_select(down_packed, 0, e), inter), torch.index_select(down_scale, 0, e))
-        routed = routed + top_p[:, j : j + 1] * o
+        routed = routed + top_p[:, j : j + 1] * expert(flat, top_i[:, j])
     return shared + routed.reshape(x.shape)
+
+
+def moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed, gate_scale,
+            up_packed, up_scale, down_packed, down_scale, top_k: int, norm_topk_prob: bool):
+    d, inter = x.shape[-1], gate_packed.shape[1]
+
+    def ternary_expert(flat, e):
+        def proj(v, packed, scale, k):
+            return _bitlinear_batched(v, _unpack(torch.index_select(packed, 0, e), k), torch.index_select(scale, 0, e))
+
+        h = F.silu(proj(flat, gate_packed, gate_scale, d)) * proj(flat, up_packed, up_scale, d)
+        return proj(h, down_packed, down_scale, inter)
+
+    return _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, top_k, norm_topk_prob,
+                         ternary_expert)
 
 
 def ternary_linear(x, packed, scale, in_features: int):
@@ -100,23 +110,14 @@ def _(x, *args):
 
 def _moe_ffn_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
                    top_k: int, norm_topk_prob: bool):
-    d = x.shape[-1]
-    shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
-    if shared_expert_gate is not None:
-        shared = torch.sigmoid(F.linear(x, shared_expert_gate)) * shared
-    flat = x.reshape(-1, d)
-    probs = torch.softmax(F.linear(flat, router), dim=-1)
-    top_p, top_i = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-    routed = torch.zeros_like(flat)
-    for j in range(top_k):
-        e = top_i[:, j]
-        g = torch.bmm(torch.index_select(gate_w, 0, e), flat.unsqueeze(-1)).squeeze(-1)
-        u = torch.bmm(torch.index_select(up_w, 0, e), flat.unsqueeze(-1)).squeeze(-1)
-        o = torch.bmm(torch.index_select(down_w, 0, e), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
-        routed = routed + top_p[:, j : j + 1] * o
-    return shared + routed.reshape(x.shape)
+    def float_expert(flat, e):
+        def proj(v, w):
+            return torch.bmm(torch.index_select(w, 0, e), v.unsqueeze(-1)).squeeze(-1)
+
+        return proj(F.silu(proj(flat, gate_w)) * proj(flat, up_w), down_w)
+
+    return _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, top_k, norm_topk_prob,
+                         float_expert)
 
 
 DECOMPOSITIONS[torch.ops.mote_et.moe_ffn_float.default] = _moe_ffn_float
