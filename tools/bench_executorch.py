@@ -19,17 +19,16 @@ load hits them alike. The XNNPACK threadpool is set to `--threads` (1 by default
 """
 from __future__ import annotations
 
-import argparse
 import ast
-import dataclasses
-import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mote.tools.bench_common import (SCALING_COLUMNS, SEPARATOR, VARIANTS, Column, Mode, ModelShape, RunClock,
+                                     add_timings_and_ratios, describe_run, expert_scaling_rows, format_result,
+                                     run_cli, time_interleaved, variant_comparison_columns)
 
 FP32_BASELINE_NOTE = (
     "fp32 baseline (experts=\"fp32\", benchmark-only): the same model, router and top-k gather (index_select of "
@@ -46,50 +45,11 @@ TERNARY_PATH_NOTE = (
 _ELEMENT_SIZE = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 11: 1, 15: 2}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    """A random text-only MoTE (make_random_model.random_config arguments), benchmarked at each routed-expert count."""
-
-    name: str
-    hidden: int
-    expert_intermediate: int
-    intermediate: int          # the shared expert (the backbone's dense FFN, kept fp32)
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    vocab: int = 260
-    experts: tuple[int, ...] = (4, 16)   # E and 4E: the expert-count scaling
-    top_k: int = 1
-
-    def config(self, experts: int, max_positions: int) -> dict:
-        from mote.tools.make_random_model import random_config
-
-        return random_config(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
-                             intermediate=self.intermediate, vocab=self.vocab, experts=experts, top_k=self.top_k,
-                             expert_intermediate=self.expert_intermediate, vision=False, max_positions=max_positions)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    shapes: tuple[ModelShape, ...]
-    max_seq_len: int = 64
-    prefill_len: int = 32        # timed prefill: T tokens from input_pos 0
-    prefill_warmup: int = 2
-    prefill_repeats: int = 10
-    decode_prefix: int = 16      # untimed prefill before the decode steps
-    decode_warmup: int = 5
-    decode_steps: int = 30
-
-    def __post_init__(self):
-        assert self.prefill_len <= self.max_seq_len
-        assert self.decode_prefix + self.decode_warmup + self.decode_steps <= self.max_seq_len, "decode past the cache"
-
-
 MODES = {
     # 4 lowerings of a d=256 model: a few minutes on 2 idle cores
     "default": Mode(shapes=(
         ModelShape("d=256 I_e=512", hidden=256, expert_intermediate=512, intermediate=512),
-    )),
+    ), max_seq_len=64, prefill_len=32, decode_prefix=16),
     # 4 lowerings of a 1-layer d=128 model (~40 s idle, ~90 s under load), few steps
     "quick": Mode(shapes=(
         ModelShape("quick d=128 I_e=256", hidden=128, expert_intermediate=256, intermediate=256, layers=1),
@@ -100,7 +60,8 @@ MODES = {
     ), max_seq_len=16, prefill_len=4, prefill_warmup=1, prefill_repeats=2, decode_prefix=2, decode_warmup=1,
         decode_steps=3),
 }
-VARIANTS = ("qmoe", "fp32")
+# the artifact whose size is compared between variants and expert counts (JSON: pte_bytes, pte_bytes_ratio)
+SIZE_KEY = "pte_bytes"
 
 
 def pte_routed_expert_bytes(pte_path: Path, num_experts: int) -> dict:
@@ -192,26 +153,6 @@ class TimedDecoder:
         return dt
 
 
-def time_interleaved(decoders: dict, mode: Mode) -> dict:
-    """Median prefill and decode-step latencies (ms) per program, the programs timed round-robin."""
-    prefill = {k: [] for k in decoders}
-    for r in range(mode.prefill_warmup + mode.prefill_repeats):
-        for k, d in decoders.items():
-            dt = d.prefill(mode.prefill_len)
-            if r >= mode.prefill_warmup:
-                prefill[k].append(dt)
-    decode = {k: [] for k in decoders}
-    for d in decoders.values():
-        d.start_decode(mode.decode_prefix)
-    for s in range(mode.decode_warmup + mode.decode_steps):
-        for k, d in decoders.items():
-            dt = d.decode_step()
-            if s >= mode.decode_warmup:
-                decode[k].append(dt)
-    return {k: {"prefill_ms": 1e3 * statistics.median(prefill[k]), "decode_ms": 1e3 * statistics.median(decode[k])}
-            for k in decoders}
-
-
 def bench_shape(shape: ModelShape, mode: Mode, work: Path, log) -> list[dict]:
     from mote.tools.make_random_model import random_model
 
@@ -248,35 +189,14 @@ def bench_shape(shape: ModelShape, mode: Mode, work: Path, log) -> list[dict]:
         rows.append(row)
     log(f"bench_executorch: {shape.name}: timing {len(decoders)} programs (prefill T={mode.prefill_len}, "
         f"{mode.decode_steps} decode steps)")
-    times = time_interleaved(decoders, mode)
-    for row in rows:
-        for variant in VARIANTS:
-            row[variant].update(times[(row["experts"], variant)])
-        t, f = row["qmoe"], row["fp32"]
-        row["bits_ratio_fp32_over_ternary"] = f["bits_per_weight"] / t["bits_per_weight"]
-        row["bytes_ratio_fp32_over_ternary"] = f["pte_bytes"] / t["pte_bytes"]
-        row["prefill_ratio_fp32_over_ternary"] = f["prefill_ms"] / t["prefill_ms"]
-        row["decode_ratio_fp32_over_ternary"] = f["decode_ms"] / t["decode_ms"]
+    # medians only: these modes time fixed counts (min_seconds 0), and the JSON keeps its keys
+    add_timings_and_ratios(rows, time_interleaved(decoders, mode, with_min_and_count=False), SIZE_KEY)
     return rows
 
 
 def scaling_rows(rows: list[dict]) -> list[dict]:
     """Per configuration benchmarked at several expert counts: the largest E against the smallest."""
-    out = []
-    for config in dict.fromkeys(r["config"] for r in rows):
-        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["experts"])
-        if len(mine) < 2:
-            continue
-        r, big = mine[0], mine[-1]
-        for variant in VARIANTS:
-            out.append({"config": r["config"], "variant": variant, "experts": r["experts"],
-                        "experts_scaled": big["experts"], "top_k": r["top_k"],
-                        "decode_ms": r[variant]["decode_ms"], "decode_ms_scaled": big[variant]["decode_ms"],
-                        "decode_ratio": big[variant]["decode_ms"] / r[variant]["decode_ms"],
-                        "prefill_ms": r[variant]["prefill_ms"], "prefill_ms_scaled": big[variant]["prefill_ms"],
-                        "prefill_ratio": big[variant]["prefill_ms"] / r[variant]["prefill_ms"],
-                        "pte_bytes_ratio": big[variant]["pte_bytes"] / r[variant]["pte_bytes"]})
-    return out
+    return expert_scaling_rows(rows, SIZE_KEY)
 
 
 def delegation_notes(rows: list[dict]) -> list[str]:
@@ -302,15 +222,14 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
 
     log = log or (lambda msg: None)
     m = MODES[mode]
-    t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    clock = RunClock()
     # XNNPACK's (and ExecuTorch's parallel_for's) threadpool; set before any program is loaded
     portable_lib._unsafe_reset_threadpool(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-et-", dir=work_dir) as work:
         for shape in m.shapes:
             rows += bench_shape(shape, m, Path(work), log)
-    last_pos = m.decode_prefix + m.decode_warmup + m.decode_steps - 1
+    last_pos = m.last_decode_position
     try:
         et_version = version("executorch")
     except PackageNotFoundError:
@@ -319,10 +238,7 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
                 "machine": platform.machine(), "cpus": os.cpu_count(), "max_seq_len": m.max_seq_len,
                 "prefill_len": m.prefill_len, "prefill_repeats": m.prefill_repeats, "decode_prefix": m.decode_prefix,
                 "decode_warmup": m.decode_warmup, "decode_steps": m.decode_steps,
-                "decode_positions": [m.decode_prefix, last_pos],
-                "wall_s": round(time.perf_counter() - t0, 1),
-                # other processes on the machine disturb timings: the 1-minute load average before and after
-                "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+                "decode_positions": [m.decode_prefix, last_pos], **clock.settings()}
     notes = [
         FP32_BASELINE_NOTE,
         TERNARY_PATH_NOTE,
@@ -344,54 +260,35 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
     return {"settings": settings, "rows": rows, "scaling": scaling_rows(rows), "notes": notes}
 
 
+ROW_COLUMNS = [
+    Column("config", 22, lambda r: r["config"], left=True),
+    Column("E", 3, lambda r: r["experts"]),
+    *variant_comparison_columns(SIZE_KEY),
+]
+# plus the .pte's size ratio (the ONNX table leaves its onnx_bytes_ratio to the JSON)
+EXECUTORCH_SCALING_COLUMNS = [*SCALING_COLUMNS, SEPARATOR,
+                              Column("MB 4E/E", 7, lambda s: s[f"{SIZE_KEY}_ratio"], ".2f")]
+
+
 def format_table(result: dict) -> str:
-    hdr = (f"{'config':<22} {'E':>3} {'bits/w tern':>11} {'bits/w fp32':>11} {'bits x':>6} "
-           f"{'MB tern':>8} {'MB fp32':>8} {'bytes x':>7} | {'prefill ms tern':>15} {'fp32':>8} {'x':>5} | "
-           f"{'decode ms tern':>14} {'fp32':>7} {'x':>5}")
-    lines = [hdr, "-" * len(hdr)]
-    for r in result["rows"]:
-        t, f = r["qmoe"], r["fp32"]
-        lines.append(
-            f"{r['config']:<22} {r['experts']:>3} {t['bits_per_weight']:>11.4f} {f['bits_per_weight']:>11.2f} "
-            f"{r['bits_ratio_fp32_over_ternary']:>6.2f} {t['pte_bytes'] / 1e6:>8.2f} {f['pte_bytes'] / 1e6:>8.2f} "
-            f"{r['bytes_ratio_fp32_over_ternary']:>7.2f} | "
-            f"{t['prefill_ms']:>15.3f} {f['prefill_ms']:>8.3f} {r['prefill_ratio_fp32_over_ternary']:>5.2f} | "
-            f"{t['decode_ms']:>14.3f} {f['decode_ms']:>7.3f} {r['decode_ratio_fp32_over_ternary']:>5.2f}")
-    lines.append("(x = fp32 / ternary, > 1 means ternary smaller/faster; bits = routed-expert storage per weight; "
-                 "MB = model.pte)")
-    if result["scaling"]:
-        lines += ["", f"{'expert-count scaling (top-1)':<30} {'variant':<8} {'E -> 4E':>8} "
-                      f"{'decode ms E':>11} {'4E':>8} {'4E/E':>6} | {'prefill ms E':>12} {'4E':>8} {'4E/E':>6} | "
-                      f"{'MB 4E/E':>7}"]
-        for s in result["scaling"]:
-            lines.append(f"{s['config']:<30} {('ternary' if s['variant'] == 'qmoe' else 'fp32'):<8} "
-                         f"{str(s['experts']) + ' -> ' + str(s['experts_scaled']):>8} {s['decode_ms']:>11.3f} "
-                         f"{s['decode_ms_scaled']:>8.3f} {s['decode_ratio']:>6.2f} | {s['prefill_ms']:>12.3f} "
-                         f"{s['prefill_ms_scaled']:>8.3f} {s['prefill_ratio']:>6.2f} | {s['pte_bytes_ratio']:>7.2f}")
     st = result["settings"]
     shapes = {(r["config"], r["hidden"], r["expert_intermediate"], r["shared_intermediate"], r["layers"], r["heads"],
                r["kv_heads"], r["vocab"], r["top_k"]) for r in result["rows"]}
-    lines += [""] + [f"model {c}: hidden {d}, expert intermediate {ie}, shared intermediate {i}, {n} layers, "
-                     f"{h} heads ({kv} kv), vocab {v}, top-{k}" for c, d, ie, i, n, h, kv, v, k in sorted(shapes)]
-    lines += [f"executorch {st['executorch']}, {st['machine']}, {st['cpus']} CPUs, threadpool {st['threads']}; "
-              f"benchmark wall time {st['wall_s']} s; 1-min load average {st['load_average_1min'][0]} before, "
-              f"{st['load_average_1min'][1]} after"]
-    lines += [f"note: {n}" for n in result["notes"]]
-    return "\n".join(lines)
+    models = [f"model {c}: hidden {d}, expert intermediate {ie}, shared intermediate {i}, {n} layers, "
+              f"{h} heads ({kv} kv), vocab {v}, top-{k}" for c, d, ie, i, n, h, kv, v, k in sorted(shapes)]
+    return format_result(
+        result, ROW_COLUMNS,
+        "(x = fp32 / ternary, > 1 means ternary smaller/faster; bits = routed-expert storage per weight; "
+        "MB = model.pte)",
+        EXECUTORCH_SCALING_COLUMNS,
+        models + [f"executorch {st['executorch']}, {st['machine']}, {st['cpus']} CPUs, threadpool {st['threads']}; "
+                  f"{describe_run(st)}"])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 1-layer d=128 model and few repeats (~1 minute)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
-    ap.add_argument("--threads", type=int, default=1, help="ExecuTorch threadpool size (default 1)")
-    a = ap.parse_args(argv)
-    result = run_benchmark("quick" if a.quick else "default", a.threads,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    if a.json is not None:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    return 0
+    return run_cli(argv, __doc__, run_benchmark, format_table,
+                   quick_help="a 1-layer d=128 model and few repeats (~1 minute)",
+                   threads_help="ExecuTorch threadpool size (default 1)")
 
 
 if __name__ == "__main__":

@@ -23,58 +23,20 @@ default, sequential execution) so that numbers are stable; all sessions of a con
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from mote.tools.bench_common import (SCALING_COLUMNS, VARIANTS, Column, Mode, ModelShape, RunClock,
+                                     add_timings_and_ratios, describe_run, expert_scaling_rows, format_result,
+                                     run_cli, time_interleaved, variant_comparison_columns)
+
 FP32_ROUTING_NOTE = ("the fp32 baseline (com.microsoft.MoE, no router_weights input) weighs the top-1 expert by 1.0 "
                      "instead of its router probability; that changes its output, not its cost")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    """A random text-only MoTE (make_random_model.random_config arguments), benchmarked at each routed-expert count."""
-
-    name: str
-    hidden: int
-    expert_intermediate: int
-    intermediate: int          # the shared expert (the backbone's dense FFN, kept fp32)
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    vocab: int = 260
-    experts: tuple[int, ...] = (4, 16)   # E and 4E: the expert-count scaling
-    top_k: int = 1
-
-    def config(self, experts: int, max_positions: int) -> dict:
-        from mote.tools.make_random_model import random_config
-
-        return random_config(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
-                             intermediate=self.intermediate, vocab=self.vocab, experts=experts, top_k=self.top_k,
-                             expert_intermediate=self.expert_intermediate, vision=False, max_positions=max_positions)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    shapes: tuple[ModelShape, ...]
-    max_seq_len: int = 128
-    prefill_len: int = 64
-    prefill_warmup: int = 2
-    prefill_repeats: int = 10        # at least; more until each session spent min_seconds (or max_prefill_repeats)
-    decode_warmup: int = 5
-    decode_steps: int = 50           # per round (prefill, then steps); more rounds until min_seconds
-    min_seconds: float = 1.0
-    max_prefill_repeats: int = 200
-    max_decode_rounds: int = 10
 
 
 MODES = {
@@ -82,19 +44,20 @@ MODES = {
     "default": Mode(shapes=(
         ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256),
         ModelShape("realistic (d=1024)", hidden=1024, expert_intermediate=1536, intermediate=2816, heads=8, vocab=1024),
-    )),
+    ), max_seq_len=128, prefill_len=64, decode_prefix=64, decode_steps=50, min_seconds=1.0),
     "quick": Mode(shapes=(
         ModelShape("tiny (d=128)", hidden=128, expert_intermediate=256, intermediate=256, layers=1, experts=(4,)),
         ModelShape("wide (d=512)", hidden=512, expert_intermediate=512, intermediate=1024, layers=1, vocab=512),
-    ), prefill_repeats=5, decode_steps=30, min_seconds=0.3),
+    ), max_seq_len=128, prefill_len=64, decode_prefix=64, prefill_repeats=5, decode_steps=30, min_seconds=0.3),
     # the smoke test: seconds, numbers meaningless
     "smoke": Mode(shapes=(
         ModelShape("smoke (d=64)", hidden=64, expert_intermediate=64, intermediate=128, layers=1, vocab=256,
                    experts=(2, 8)),
-    ), max_seq_len=32, prefill_len=8, prefill_warmup=1, prefill_repeats=2, decode_warmup=1, decode_steps=3,
-                   min_seconds=0.0),
+    ), max_seq_len=32, prefill_len=8, decode_prefix=8, prefill_warmup=1, prefill_repeats=2, decode_warmup=1,
+        decode_steps=3, min_seconds=0.0),
 }
-VARIANTS = ("qmoe", "fp32")
+# the artifact whose size is compared between variants and expert counts (JSON: onnx_bytes, onnx_bytes_ratio)
+SIZE_KEY = "onnx_bytes"
 
 
 def routed_expert_storage(onnx_path: Path) -> dict:
@@ -166,53 +129,16 @@ class TimedDecoder:
         dt, _ = self._run(self._embeds(t), 0, self.empty)
         return dt
 
-    def start_decode(self, prefill_len: int) -> None:
-        _, outs = self._run(self._embeds(prefill_len), 0, self.empty)
+    def start_decode(self, prefix: int) -> None:
+        _, outs = self._run(self._embeds(prefix), 0, self.empty)
         self.cache = {p.name: outs[p.name.replace("past_", "present_")] for p in self.past}
-        self.pos = prefill_len
+        self.pos = prefix
 
     def decode_step(self) -> float:
         dt, outs = self._run(self._embeds(1), self.pos, self.cache)
         self.cache = {p.name: outs[p.name.replace("past_", "present_")] for p in self.past}
         self.pos += 1
         return dt
-
-
-def time_interleaved(decoders: dict, mode: Mode) -> dict:
-    """Prefill and decode-step latencies (ms: median, min, samples) per session, the sessions timed round-robin.
-
-    Prefill: at least `prefill_repeats` samples, more (up to `max_prefill_repeats`) until every session has spent
-    `min_seconds`. Decode: rounds of a prefill then `decode_warmup` untimed + `decode_steps` timed steps (the positions
-    must stay inside the static cache), at least one round, more (up to `max_decode_rounds`) likewise.
-    """
-    prefill = {k: [] for k in decoders}
-    for _ in range(mode.prefill_warmup):
-        for d in decoders.values():
-            d.prefill(mode.prefill_len)
-    while True:
-        for k, d in decoders.items():
-            prefill[k].append(d.prefill(mode.prefill_len))
-        n = len(next(iter(prefill.values())))
-        if n >= mode.max_prefill_repeats or (
-                n >= mode.prefill_repeats and min(sum(v) for v in prefill.values()) >= mode.min_seconds):
-            break
-    decode = {k: [] for k in decoders}
-    for rnd in range(mode.max_decode_rounds):
-        for d in decoders.values():
-            d.start_decode(mode.prefill_len)
-        for s in range(mode.decode_warmup + mode.decode_steps):
-            for k, d in decoders.items():
-                dt = d.decode_step()
-                if s >= mode.decode_warmup:
-                    decode[k].append(dt)
-        if min(sum(v) for v in decode.values()) >= mode.min_seconds:
-            break
-
-    def stats(samples: list[float], what: str) -> dict:
-        return {f"{what}_ms": 1e3 * statistics.median(samples), f"{what}_min_ms": 1e3 * min(samples),
-                f"{what}_samples": len(samples)}
-
-    return {k: {**stats(prefill[k], "prefill"), **stats(decode[k], "decode")} for k in decoders}
 
 
 def bench_shape(shape: ModelShape, mode: Mode, threads: int, work: Path, log) -> list[dict]:
@@ -250,35 +176,13 @@ def bench_shape(shape: ModelShape, mode: Mode, threads: int, work: Path, log) ->
         rows.append(row)
     log(f"bench_onnx: {shape.name}: timing {len(decoders)} sessions (prefill T={mode.prefill_len}, "
         f"decode rounds of {mode.decode_steps} steps, >= {mode.min_seconds} s each)")
-    times = time_interleaved(decoders, mode)
-    for row in rows:
-        for variant in VARIANTS:
-            row[variant].update(times[(row["experts"], variant)])
-        t, f = row["qmoe"], row["fp32"]
-        row["bits_ratio_fp32_over_ternary"] = f["bits_per_weight"] / t["bits_per_weight"]
-        row["bytes_ratio_fp32_over_ternary"] = f["onnx_bytes"] / t["onnx_bytes"]
-        row["prefill_ratio_fp32_over_ternary"] = f["prefill_ms"] / t["prefill_ms"]
-        row["decode_ratio_fp32_over_ternary"] = f["decode_ms"] / t["decode_ms"]
+    add_timings_and_ratios(rows, time_interleaved(decoders, mode), SIZE_KEY)
     return rows
 
 
 def scaling_rows(rows: list[dict]) -> list[dict]:
     """Per configuration benchmarked at several expert counts: the largest E against the smallest."""
-    out = []
-    for config in dict.fromkeys(r["config"] for r in rows):
-        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["experts"])
-        if len(mine) < 2:
-            continue
-        r, big = mine[0], mine[-1]
-        for variant in VARIANTS:
-            out.append({"config": r["config"], "variant": variant, "experts": r["experts"],
-                        "experts_scaled": big["experts"], "top_k": r["top_k"],
-                        "decode_ms": r[variant]["decode_ms"], "decode_ms_scaled": big[variant]["decode_ms"],
-                        "decode_ratio": big[variant]["decode_ms"] / r[variant]["decode_ms"],
-                        "prefill_ms": r[variant]["prefill_ms"], "prefill_ms_scaled": big[variant]["prefill_ms"],
-                        "prefill_ratio": big[variant]["prefill_ms"] / r[variant]["prefill_ms"],
-                        "onnx_bytes_ratio": big[variant]["onnx_bytes"] / r[variant]["onnx_bytes"]})
-    return out
+    return expert_scaling_rows(rows, SIZE_KEY)
 
 
 def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None = None, log=None) -> dict:
@@ -287,8 +191,7 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
 
     log = log or (lambda msg: None)
     m = MODES[mode]
-    t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    clock = RunClock()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
         for shape in m.shapes:
@@ -298,10 +201,7 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
                 "max_seq_len": m.max_seq_len, "prefill_len": m.prefill_len, "prefill_repeats_min": m.prefill_repeats,
                 "decode_warmup": m.decode_warmup, "decode_steps_per_round": m.decode_steps,
                 "min_seconds_per_session": m.min_seconds,
-                "decode_positions": [m.prefill_len, m.prefill_len + m.decode_warmup + m.decode_steps - 1],
-                "wall_s": round(time.perf_counter() - t0, 1),
-                # other processes on the machine disturb timings: the 1-minute load average before and after
-                "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+                "decode_positions": [m.decode_prefix, m.last_decode_position], **clock.settings()}
     notes = [
         FP32_ROUTING_NOTE,
         "fp32 experts = the ternary experts dequantized (same model, same routing); both variants run the same "
@@ -310,58 +210,37 @@ def run_benchmark(mode: str = "default", threads: int = 1, work_dir: Path | None
         "bits/weight = routed-expert weight + scale bytes in text_decoder.onnx x 8 / routed-expert weights; "
         "2 + 32/block for the ternary export (block = largest of 32..512 dividing K and the expert width)",
         f"latency: median (JSON also has min and sample counts); prefill = {m.prefill_len} tokens from input_pos 0, "
-        f">= {m.prefill_repeats} runs; decode = one token per step at positions {m.prefill_len}.."
-        f"{m.prefill_len + m.decode_warmup + m.decode_steps - 1} after a prefill (first {m.decode_warmup} steps of "
-        f"each round not timed), rounds repeated until >= {m.min_seconds} s per session; static KV cache of "
-        f"{m.max_seq_len}; CPU EP, {threads} intra-op thread(s); sessions timed round-robin",
+        f">= {m.prefill_repeats} runs; decode = one token per step at positions {m.decode_prefix}.."
+        f"{m.last_decode_position} after a prefill (first {m.decode_warmup} steps of each round not timed), rounds "
+        f"repeated until >= {m.min_seconds} s per session; static KV cache of {m.max_seq_len}; CPU EP, {threads} "
+        f"intra-op thread(s); sessions timed round-robin",
     ]
     return {"settings": settings, "rows": rows, "scaling": scaling_rows(rows), "notes": notes}
 
 
+ROW_COLUMNS = [
+    Column("config", 20, lambda r: r["config"], left=True),
+    Column("E", 3, lambda r: r["experts"]),
+    # the QMoE scale block(s) of the ternary export; the fp32 baseline has none
+    Column("blk", 4, lambda r: ",".join(str(b) for b in r["qmoe"].get("blocks", [])) or "-"),
+    *variant_comparison_columns(SIZE_KEY),
+]
+
+
 def format_table(result: dict) -> str:
-    hdr = (f"{'config':<20} {'E':>3} {'blk':>4} {'bits/w tern':>11} {'bits/w fp32':>11} {'bits x':>6} "
-           f"{'MB tern':>8} {'MB fp32':>8} {'bytes x':>7} | {'prefill ms tern':>15} {'fp32':>8} {'x':>5} | "
-           f"{'decode ms tern':>14} {'fp32':>7} {'x':>5}")
-    lines = [hdr, "-" * len(hdr)]
-    for r in result["rows"]:
-        t, f = r["qmoe"], r["fp32"]
-        blk = ",".join(str(b) for b in t.get("blocks", [])) or "-"
-        lines.append(
-            f"{r['config']:<20} {r['experts']:>3} {blk:>4} {t['bits_per_weight']:>11.4f} {f['bits_per_weight']:>11.2f} "
-            f"{r['bits_ratio_fp32_over_ternary']:>6.2f} {t['onnx_bytes'] / 1e6:>8.2f} {f['onnx_bytes'] / 1e6:>8.2f} "
-            f"{r['bytes_ratio_fp32_over_ternary']:>7.2f} | "
-            f"{t['prefill_ms']:>15.3f} {f['prefill_ms']:>8.3f} {r['prefill_ratio_fp32_over_ternary']:>5.2f} | "
-            f"{t['decode_ms']:>14.3f} {f['decode_ms']:>7.3f} {r['decode_ratio_fp32_over_ternary']:>5.2f}")
-    lines.append("(x = fp32 / ternary; bits = routed-expert storage per weight; MB = text_decoder.onnx; "
-                 "blk = QMoE scale block)")
-    if result["scaling"]:
-        lines += ["", f"{'expert-count scaling (top-1)':<30} {'variant':<8} {'E -> 4E':>8} "
-                      f"{'decode ms E':>11} {'4E':>8} {'4E/E':>6} | {'prefill ms E':>12} {'4E':>8} {'4E/E':>6}"]
-        for s in result["scaling"]:
-            lines.append(f"{s['config']:<30} {('ternary' if s['variant'] == 'qmoe' else 'fp32'):<8} "
-                         f"{str(s['experts']) + ' -> ' + str(s['experts_scaled']):>8} {s['decode_ms']:>11.3f} "
-                         f"{s['decode_ms_scaled']:>8.3f} {s['decode_ratio']:>6.2f} | {s['prefill_ms']:>12.3f} "
-                         f"{s['prefill_ms_scaled']:>8.3f} {s['prefill_ratio']:>6.2f}")
     st = result["settings"]
-    lines += ["", f"onnxruntime {st['onnxruntime']}, {st['machine']}, {st['cpus']} CPUs, intra-op threads "
-                  f"{st['threads']['intra_op']}, inter-op 1, sequential; benchmark wall time {st['wall_s']} s; "
-                  f"1-min load average {st['load_average_1min'][0]} before, {st['load_average_1min'][1]} after"]
-    lines += [f"note: {n}" for n in result["notes"]]
-    return "\n".join(lines)
+    return format_result(
+        result, ROW_COLUMNS,
+        "(x = fp32 / ternary; bits = routed-expert storage per weight; MB = text_decoder.onnx; blk = QMoE scale block)",
+        SCALING_COLUMNS,
+        [f"onnxruntime {st['onnxruntime']}, {st['machine']}, {st['cpus']} CPUs, intra-op threads "
+         f"{st['threads']['intra_op']}, inter-op 1, sequential; {describe_run(st)}"])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (under a minute)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
-    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    a = ap.parse_args(argv)
-    result = run_benchmark("quick" if a.quick else "default", a.threads,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    if a.json is not None:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    return 0
+    return run_cli(argv, __doc__, run_benchmark, format_table,
+                   quick_help="smaller models and fewer repeats (under a minute)",
+                   threads_help="onnxruntime intra-op threads (default 1)")
 
 
 if __name__ == "__main__":
