@@ -28,7 +28,7 @@ def labels_from_pixels(rgb: torch.Tensor) -> dict:
     color = min(COLORS, key=lambda c: float(((mean - torch.tensor(COLORS[c], dtype=torch.float32)) ** 2).sum()))
     ys, xs = torch.nonzero(fg, as_tuple=True)
     h, w = fg.shape
-    vert = "top" if ys.float().mean() < h / 2 else "bottom"
+    vert = "upper" if ys.float().mean() < h / 2 else "lower"
     horiz = "left" if xs.float().mean() < w / 2 else "right"
     bbox = (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
     fill = float(fg.sum()) / bbox            # square ~1.0, circle ~pi/4, triangle ~1/2
