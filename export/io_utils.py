@@ -124,4 +124,4 @@ def preprocess_image(rgb: torch.Tensor, image_size: int) -> torch.Tensor:
     x = rgb.permute(2, 0, 1).to(torch.float32)[None] / 255.0
     if (h, w) != (image_size, image_size):
         x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="nearest")
-    return x * 2.0 - 1.0
+    return (x * 2.0 - 1.0).contiguous()

@@ -231,9 +231,12 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values):
         vc = self.cfg
-        b, p, g = pixel_values.shape[0], vc.patch_size, vc.image_size // vc.patch_size
-        x = pixel_values.reshape(b, vc.num_channels, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
-        x = self.patch_embed(x.reshape(b, g * g, vc.num_channels * p * p)) + self.pos_embed
+        p = vc.patch_size
+        # The linear patch embedding applied as a stride-p convolution (its [D, C*p*p] weight viewed as [D, C, p, p]):
+        # the same numbers as patchify-then-linear, without a 6-D permute, which XNNPACK mis-lowers.
+        w = self.patch_embed.weight.view(-1, vc.num_channels, p, p)
+        x = torch.nn.functional.conv2d(pixel_values, w, self.patch_embed.bias, stride=p)
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed
         for layer in self.layers:
             x = layer(x)
         return self.post_norm(x)
