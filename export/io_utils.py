@@ -112,7 +112,7 @@ def read_png(path: str | Path) -> torch.Tensor:
                 line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
         out += line
         prev = line
-    img = torch.frombuffer(bytes(out), dtype=torch.uint8).view(h, w, channels)
+    img = torch.frombuffer(out, dtype=torch.uint8).view(h, w, channels).clone()
     if channels == 1:
         img = img.expand(h, w, 3)
     return img[..., :3].contiguous()
