@@ -37,7 +37,8 @@ FP32_BASELINE_NOTE = (
     "in both variants")
 TERNARY_PATH_NOTE = (
     "ternary path: each call gathers the chosen experts' packed 2-bit codes and decodes them with portable "
-    "ExecuTorch ops (shift/mask/stack/cast to float) before the bmm, plus per-token int8 activation quantization; "
+    "ExecuTorch ops (a byte->4-trits table built in-graph, then an embedding gather per packed byte) before the "
+    "bmm, plus per-token int8 activation quantization; "
     "this is unoptimised (no fused low-bit kernel), so it can be slower than fp32 here; the latencies below are "
     "measured as they are")
 
