@@ -17,15 +17,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from mote.passes.ops import unpack_codes
 
 PORTABLE_OPSET = 25
 
 
 def _codes(packed: np.ndarray, k: int) -> np.ndarray:
-    """uint8 [..., K/4] -> codes uint8 [..., K] (2 bits each, lowest first)."""
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
-    return ((packed[..., None] >> shifts) & 3).reshape(*packed.shape[:-1], -1)[..., :k]
+    """uint8 [..., K/4] -> codes uint8 [..., K]: the canonical unpacking of passes.ops, on numpy arrays."""
+    return unpack_codes(torch.from_numpy(np.ascontiguousarray(packed)), k).numpy()
 
 
 def _qmoe_parts(model: onnx.ModelProto, node: onnx.NodeProto):
