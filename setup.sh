@@ -32,7 +32,7 @@ pip_q() {  # quiet pip; on failure show its log without the local-index noise
 pip_q "torch==2.13.0"
 pip_q -r requirements.lock
 pip_q --no-deps --no-build-isolation -e .
-$VPY -c "import torch, executorch, coremltools, tvm, onnxruntime, onnxscript" >/dev/null 2>&1 \
+$VPY -c "import torch, executorch, coremltools, tvm, onnxruntime, onnxscript, tokenizers, PIL, transformers" >/dev/null 2>&1 \
   || { echo "setup: the pinned toolchain did not import" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "setup: .venv ready"
