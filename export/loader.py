@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config import MoteConfig, load_config
 from .errors import InputError
-from .model import MoteForConditionalGeneration, TernaryLinear
+from .model import HFVisionTower, MoteForConditionalGeneration, TernaryLinear
+from .rope import rope_frequencies
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -37,8 +38,9 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
     files = _tensor_files(model_dir)
     with torch.device("meta"):
         model = MoteForConditionalGeneration(cfg)
-    state = _read_tensors(files)
+    state, file_names = _canonical_names(_read_tensors(files), cfg)
     state = _unfuse_experts(state, cfg)
+    _drop_unused(state, model)
     _mark_prequantized(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -49,22 +51,18 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
     weights = {}
     for name in list(state):
         tensor, where = state.pop(name)
+        shown = file_names.get(name, name)             # errors name the tensor as the file does
         if name not in expected:
-            raise InputError(f"{where}: unexpected tensor '{name}' for this config")
-        _check_tensor(name, tensor, expected[name], where)
+            raise InputError(f"{where}: unexpected tensor '{shown}' for this config")
+        _check_tensor(shown, tensor, expected[name], where)
         weight = tensor.to(expected[name].dtype).reshape(expected[name].shape)
         del tensor
         if weight.is_floating_point() and not _all_finite(weight):
-            raise InputError(f"{where}: tensor '{name}' contains NaN or Inf")
+            raise InputError(f"{where}: tensor '{shown}' contains NaN or Inf")
         weights[name] = weight
     model.load_state_dict(weights, assign=True, strict=True)
-    model.inv_freq = _rope_inv_freq(cfg)
+    model.inv_freq, model.rope_attention_scaling = rope_frequencies(cfg)   # a non-persistent buffer: not in the files
     return model.eval()
-
-
-def _rope_inv_freq(cfg: MoteConfig) -> torch.Tensor:
-    hd = cfg.head_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
 
 
 def _tensor_files(model_dir: Path) -> list[Path]:
@@ -117,6 +115,44 @@ def _read_tensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise InputError(f"{f}: not a readable safetensors file ({why})") from None
     return state
+
+
+# LLaVA checkpoints name the language model, tower and projector in the transformers 4.x layout
+# (`language_model.model.*`, `vision_tower.vision_model.*`), the 5.x in-memory one (`model.language_model.*`,
+# `model.vision_tower.*`) or as 5.x saves them (`language_model.model.*`, `vision_tower.*`); transformers reads all
+# three (conversion_mapping.py, "llava" and "CLIPVisionModel"). Ours: `model.*`, `lm_head.*`, `vision_tower.*`,
+# `multi_modal_projector.*`.
+_LLAVA_PREFIXES = [
+    (re.compile(r"^(language_model\.)?lm_head\."), "lm_head."),
+    (re.compile(r"^(language_model\.model|model\.language_model|language_model)\."), "model."),
+    (re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?"), "vision_tower."),
+    (re.compile(r"^(model\.)?multi_modal_projector\."), "multi_modal_projector."),
+]
+
+
+def _canonical_names(state, cfg: MoteConfig):
+    """Rename a LLaVA checkpoint's tensors to our module names; returns (state, {our name: the file's name})."""
+    if cfg.source_format != "llava":
+        return state, {}
+    out, file_names = {}, {}
+    for name, value in state.items():
+        new = name
+        for pattern, replacement in _LLAVA_PREFIXES:
+            if pattern.match(name):
+                new = pattern.sub(replacement, name, count=1)
+                break
+        if new in out:
+            raise InputError(f"{value[1]}: tensors '{file_names[new]}' and '{name}' are the same weight '{new}'")
+        out[new], file_names[new] = value, name
+    return out, file_names
+
+
+def _drop_unused(state, model) -> None:
+    """Tensors a LLaVA vision tower holds that LLaVA's output never depends on (later layers, post-norm, SigLIP
+    head): transformers loads and never runs them, we do not load them."""
+    if isinstance(model.vision_tower, HFVisionTower):
+        for name in model.vision_tower.unused_tensor_names(list(state), "vision_tower."):
+            del state[name]
 
 
 def _unfuse_experts(state, cfg: MoteConfig):

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import semantics
-from .config import MoteConfig, VisionConfig
+from .config import HFVisionConfig, MoteConfig, VisionConfig
+from .rope import rope_frequencies
+
+# Activations by their transformers (ACT2FN) names, as transformers computes them.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 
 
 class RMSNorm(nn.Module):
@@ -107,7 +116,7 @@ class MoteBlock(nn.Module):
         super().__init__()
         m = cfg.moe
         self.top_k, self.norm_topk_prob = m.top_k, m.norm_topk_prob
-        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_intermediate_size)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if m.shared_expert_gate else None
         self.gate = nn.Linear(cfg.hidden_size, m.num_experts, bias=False)
         self.experts = nn.ModuleList(
@@ -243,13 +252,116 @@ class VisionTower(nn.Module):
 
 
 class Projector(nn.Module):
-    def __init__(self, vision_dim: int, text_dim: int):
+    """LLaVA's multi_modal_projector: linear, activation, linear."""
+
+    def __init__(self, vision_dim: int, text_dim: int, act: str = "gelu_pytorch_tanh", bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, text_dim)
-        self.linear_2 = nn.Linear(text_dim, text_dim)
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        self.act = ACTIVATIONS[act]
+        self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
 
     def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class HFVisionEmbeddings(nn.Module):
+    """CLIP / SigLIP patch embeddings: a stride-p convolution (SigLIP's with a bias), CLIP's class token, learned
+    positions."""
+
+    def __init__(self, vc: HFVisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(vc.num_channels, vc.hidden_size, vc.patch_size, stride=vc.patch_size,
+                                         bias=vc.kind == "siglip")
+        self.class_embedding = nn.Parameter(torch.empty(vc.hidden_size)) if vc.has_class_token else None
+        self.position_embedding = nn.Embedding(vc.num_positions, vc.hidden_size)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight[None]
+
+
+class HFVisionAttention(nn.Module):
+    def __init__(self, vc: HFVisionConfig):
+        super().__init__()
+        d = vc.hidden_size
+        self.n_heads, self.head_dim = vc.num_heads, d // vc.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5, dim=-1)
+        return self.out_proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, n, d))
+
+
+class HFVisionMLP(nn.Module):
+    def __init__(self, vc: HFVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(vc.hidden_size, vc.intermediate_size)
+        self.act = ACTIVATIONS[vc.hidden_act]
+        self.fc2 = nn.Linear(vc.intermediate_size, vc.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class HFVisionLayer(nn.Module):
+    def __init__(self, vc: HFVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.self_attn = HFVisionAttention(vc)
+        self.layer_norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.mlp = HFVisionMLP(vc)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class HFVisionTower(nn.Module):
+    """A LLaVA vision tower (transformers' CLIPVisionModel / SiglipVisionModel, module names included) reduced to
+    what LLaVA reads: the hidden states `vc.feature_layers` (0 = the embeddings after CLIP's pre-layernorm, i = the
+    output of encoder layer i), position 0 dropped by the "default" select strategy, several layers concatenated.
+    Encoder layers after the last selected one, the post-layernorm and SigLIP's pooling head never influence
+    LLaVA's output and are not built (the loader accepts and drops their tensors)."""
+
+    def __init__(self, vc: HFVisionConfig):
+        super().__init__()
+        self.cfg = vc
+        self.embeddings = HFVisionEmbeddings(vc)
+        self.pre_layrnorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps) if vc.kind == "clip" else None
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(HFVisionLayer(vc) for _ in range(vc.layers_used))
+
+    def forward(self, pixel_values):
+        x = self.embeddings(pixel_values)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x)
+            states.append(x)
+        features = [states[i] for i in self.cfg.feature_layers]
+        if self.cfg.drop_first_token:
+            features = [f[:, 1:] for f in features]
+        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+
+    def unused_tensor_names(self, names, prefix: str) -> list[str]:
+        """Checkpoint tensors of the tower that LLaVA's output does not depend on (see the class docstring)."""
+        unused = []
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):]
+            parts = rest.split(".")
+            if parts[0] in ("post_layernorm", "head") or rest == "embeddings.position_ids":
+                unused.append(name)
+            elif parts[:2] == ["encoder", "layers"] and int(parts[2]) >= len(self.encoder.layers):
+                unused.append(name)
+        return unused
 
 
 class MoteForConditionalGeneration(nn.Module):
@@ -258,18 +370,22 @@ class MoteForConditionalGeneration(nn.Module):
         self.config = cfg
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.vision is not None:
-            self.vision_tower = VisionTower(cfg.vision)
-            self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.hidden_size)
+        vc = cfg.vision
+        if isinstance(vc, HFVisionConfig):
+            self.vision_tower = HFVisionTower(vc)
+            self.multi_modal_projector = Projector(vc.hidden_size * len(vc.feature_layers), cfg.hidden_size,
+                                                   vc.projector_act, vc.projector_bias)
+        elif vc is not None:
+            self.vision_tower = VisionTower(vc)
+            self.multi_modal_projector = Projector(vc.hidden_size, cfg.hidden_size)
         else:
             self.vision_tower = self.multi_modal_projector = None
-        hd = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        inv_freq, self.rope_attention_scaling = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     # -- the three programs' bodies -------------------------------------------------------------------------
     def encode_image(self, pixel_values):
-        """pixel_values [1,3,H,W] (normalised to [-1, 1]) -> image embeddings [1, N_img, d]."""
+        """pixel_values [1,3,H,W] (preprocessed) -> image embeddings [1, N_img, d]."""
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def embed(self, tokens):
@@ -286,6 +402,8 @@ class MoteForConditionalGeneration(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        if self.rope_attention_scaling != 1.0:      # YaRN scales cos and sin (transformers' attention_scaling)
+            cos, sin = cos * self.rope_attention_scaling, sin * self.rope_attention_scaling
         keys = torch.arange(s, dtype=torch.long, device=embeds.device)
         allowed = keys[None, :] <= positions[:, None]
         mask = torch.where(allowed, 0.0, float("-inf"))[None, None]

@@ -194,6 +194,99 @@ def test_qwen2_moe_bad_mlp_only_layers(tmp_path, capsys):
     refused(d, capsys, str(d / "config.json"), "'mlp_only_layers' must be a list")
 
 
+QWEN_BAD_CONFIG = {
+    "sliding_window": (lambda c: c.update(use_sliding_window=True), ["'use_sliding_window': True is not supported"]),
+    "sliding_layer_type": (lambda c: c.update(layer_types=["full_attention", "sliding_attention"]),
+                           ["'layer_types': 'sliding_attention' is not supported"]),
+    "gelu_text": (lambda c: c.update(hidden_act="gelu"), ["'hidden_act' is not supported", "'gelu'"]),
+    "longrope": (lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+                 ["'rope_type': 'longrope' is not supported"]),
+    "partial_rotary": (lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                           "partial_rotary_factor": 0.5}),
+                       ["'partial_rotary_factor': 0.5 is not supported"]),
+    "unknown_rope_key": (lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0, "fudge": 1}),
+                         ["'rope_scaling'", "key 'fudge' is not implemented"]),
+    "linear_without_factor": (lambda c: c.update(rope_scaling={"type": "linear"}), ["missing required key 'factor'"]),
+    "unknown_key": (lambda c: c.update(attn_logit_softcapping=30.0),
+                    ["key 'attn_logit_softcapping' is not implemented"]),
+    "null_kv_heads": (lambda c: c.update(num_key_value_heads=None), ["missing required key 'num_key_value_heads'"]),
+    "quantized_dtype": (lambda c: c.update(dtype="int8"), ["'dtype': 'int8' is not supported"]),
+    "bad_eos": (lambda c: c.update(eos_token_id=["2"]), ["'eos_token_id' must be a token id"]),
+    "no_moe_layer": (lambda c: c.update(mlp_only_layers=[0, 1]), ["no layer is a MoE layer"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QWEN_BAD_CONFIG))
+def test_qwen2_moe_config_not_implemented(tmp_path, capsys, case):
+    """A key that would change the computation is implemented or refused by name, never ignored."""
+    change, expected = QWEN_BAD_CONFIG[case]
+    d = tmp_path / "qwen"
+    write_qwen2_moe(random_model(random_config(shared_expert_gate=True, vision=False)), d, fused_experts=False)
+    edit_config(d, change)
+    refused(d, capsys, str(d / "config.json"), *expected)
+
+
+def test_transformers_null_ids_are_accepted(tmp_path):
+    d = tmp_path / "qwen"
+    write_qwen2_moe(random_model(random_config(shared_expert_gate=True, vision=False)), d, fused_experts=False)
+    edit_config(d, lambda c: c.update(bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    cfg = load_model(d).config
+    assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id) == (None, (), None)
+
+
+NATIVE_NOT_IMPLEMENTED = {
+    "unknown_top_level": (lambda c: c.update(logit_scale=2.0), ["key 'logit_scale' is not implemented"]),
+    "unknown_moe_key": (lambda c: c["moe"].update(capacity_factor=1.25), ["'moe'", "key 'capacity_factor'"]),
+    "unknown_vision_key": (lambda c: c["vision"].update(use_cls_token=True), ["'vision'", "key 'use_cls_token'"]),
+    "relu_text": (lambda c: c.update(hidden_act="relu"), ["'hidden_act' is not supported"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NATIVE_NOT_IMPLEMENTED))
+def test_native_config_not_implemented(make_model_dir, capsys, case):
+    change, expected = NATIVE_NOT_IMPLEMENTED[case]
+    d = make_model_dir()
+    edit_config(d, change)
+    refused(d, capsys, str(d / "config.json"), *expected)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=16, patch_size=8)
+    tc = transformers.Qwen2MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32,
+                                     shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=1)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=299, image_seq_length=4)
+    d = tmp_path_factory.mktemp("llava") / "llava"
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(d)
+    return d
+
+
+LLAVA_BAD_CONFIG = {
+    "llama_text": (lambda c: c["text_config"].update(model_type="llama"), ["'text_config'", "'model_type'", "'llama'"]),
+    "unknown_tower": (lambda c: c["vision_config"].update(model_type="siglip2_vision_model"),
+                      ["'vision_config'", "'siglip2_vision_model'"]),
+    "image_seq_length": (lambda c: c.update(image_seq_length=5), ["'image_seq_length' 5 != the 4 image features"]),
+    "relu_projector": (lambda c: c.update(projector_hidden_act="relu"), ["'projector_hidden_act' is not supported"]),
+    "feature_layer_out_of_range": (lambda c: c.update(vision_feature_layer=-4), ["'vision_feature_layer' -4"]),
+    "select_strategy": (lambda c: c.update(vision_feature_select_strategy="cls_patch"),
+                        ["'vision_feature_select_strategy' must be one of"]),
+    "vision_unknown_key": (lambda c: c["vision_config"].update(use_rope=True), ["key 'use_rope'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LLAVA_BAD_CONFIG))
+def test_llava_config_not_implemented(llava_dir, tmp_path, capsys, case):
+    import shutil
+    change, expected = LLAVA_BAD_CONFIG[case]
+    d = tmp_path / "llava"
+    shutil.copytree(llava_dir, d)
+    edit_config(d, change)
+    refused(d, capsys, str(d / "config.json"), *expected)
+
+
 # -- the tensors -------------------------------------------------------------------------------------------------
 
 def test_missing_tensor(make_model_dir, capsys):
