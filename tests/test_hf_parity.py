@@ -20,35 +20,15 @@ from safetensors.torch import load_file, save_file
 from mote.export import semantics
 from mote.export.loader import load_model
 from mote.export.verify import sqnr_db
+from mote.tools.make_hf_model import VOCAB, build, set_experts
 
 transformers = pytest.importorskip("transformers")
 
 EXACT_DB = 80.0
-VOCAB, IMAGE_TOKEN = 300, 299
 
 
-def qwen_config(**overrides):
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=80, num_experts=4,
-              num_experts_per_tok=1, max_position_embeddings=128)
-    kw.update(overrides)
-    return transformers.Qwen2MoeConfig(**kw)
-
-
-def set_experts(model, mode: str, seed: int = 0):
-    """Routed experts (transformers 5.x holds them fused: gate_up_proj [E, 2I, d], down_proj [E, d, I])."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp.experts." in name:
-                if mode == "zero":
-                    p.zero_()
-                else:   # +-s per expert matrix: absmean ternarisation of it is exact
-                    for e in range(p.shape[0]):
-                        s = 0.02 + 0.01 * e
-                        p[e] = s * torch.where(torch.rand(p[e].shape, generator=gen) < 0.5, -1.0, 1.0)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.5, generator=gen)       # a router that actually prefers some experts
+def qwen(**overrides):
+    return build("qwen2_moe", **overrides)[0]
 
 
 def save_and_reload(model, path):
@@ -79,7 +59,7 @@ QWEN_VARIANTS = {
     "sparse_step_2": dict(decoder_sparse_step=2),
     "tied_embeddings": dict(tie_word_embeddings=True),
     "no_qkv_bias": dict(qkv_bias=False),
-    "rope_theta_50000": dict(rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
+    "rope_theta_10000": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "rope_linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "rope_dynamic": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
     "rope_yarn": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -93,8 +73,7 @@ QWEN_VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(QWEN_VARIANTS))
 def test_qwen2_moe_zero_experts_match_transformers(tmp_path, variant):
-    torch.manual_seed(0)
-    model = transformers.Qwen2MoeForCausalLM(qwen_config(**QWEN_VARIANTS[variant])).eval()
+    model = qwen(**QWEN_VARIANTS[variant])
     set_experts(model, "zero")
     ref, ours = save_and_reload(model, tmp_path / "m")
     want, got = logits_pair(ref, ours, TEXT_IDS)
@@ -103,8 +82,7 @@ def test_qwen2_moe_zero_experts_match_transformers(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", ["top1", "top2", "top2_norm", "mlp_only_layers", "sparse_step_2"])
 def test_qwen2_moe_ternary_experts_differ_only_by_activation_quantization(tmp_path, monkeypatch, variant):
-    torch.manual_seed(0)
-    model = transformers.Qwen2MoeForCausalLM(qwen_config(**QWEN_VARIANTS[variant])).eval()
+    model = qwen(**QWEN_VARIANTS[variant])
     set_experts(model, "pm_s")
     ref, ours = save_and_reload(model, tmp_path / "m")
     want, quantized = logits_pair(ref, ours, TEXT_IDS)
@@ -119,8 +97,7 @@ def test_qwen2_moe_ternary_experts_differ_only_by_activation_quantization(tmp_pa
 
 def test_fused_and_per_expert_files_read_the_same(tmp_path):
     """transformers 5.x saves per-expert tensors; its in-memory (and some checkpoints') layout is fused 3-D."""
-    torch.manual_seed(0)
-    model = transformers.Qwen2MoeForCausalLM(qwen_config(num_experts_per_tok=2)).eval()
+    model = qwen(num_experts_per_tok=2)
     set_experts(model, "pm_s")
     path = tmp_path / "m"
     ref, per_expert = save_and_reload(model, path)
@@ -143,8 +120,7 @@ def test_fused_and_per_expert_files_read_the_same(tmp_path):
 
 def test_legacy_rope_keys_read_like_transformers(tmp_path):
     """transformers 4.x configs: top-level rope_theta and rope_scaling {"type": ...}; 5.x standardizes them."""
-    torch.manual_seed(0)
-    model = transformers.Qwen2MoeForCausalLM(qwen_config()).eval()
+    model = qwen()
     set_experts(model, "zero")
     path = tmp_path / "m"
     model.save_pretrained(path)
@@ -161,36 +137,25 @@ def test_legacy_rope_keys_read_like_transformers(tmp_path):
 
 # -- LLaVA: CLIP / SigLIP tower + projector + Qwen2-MoE ----------------------------------------------------------
 
-def llava(tower: str, feature_layer, strategy: str, **text):
-    vision_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
-                     patch_size=8)
-    vc = (transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig)(**vision_kw)
-    n_img = 16 + (1 if tower == "clip" else 0) - (1 if strategy == "default" else 0)
-    cfg = transformers.LlavaConfig(vision_config=vc, text_config=qwen_config(**text), image_token_index=IMAGE_TOKEN,
-                                   image_seq_length=n_img, vision_feature_layer=feature_layer,
-                                   vision_feature_select_strategy=strategy)
-    torch.manual_seed(0)
-    return transformers.LlavaForConditionalGeneration(cfg).eval(), n_img
-
-
 LLAVA_VARIANTS = {
-    "clip_default_-2": ("clip", -2, "default"),
-    "clip_full_-1": ("clip", -1, "full"),
-    "clip_default_layers_0_2": ("clip", [0, 2], "default"),
-    "siglip_full_-1": ("siglip", -1, "full"),
-    "siglip_default_-2": ("siglip", -2, "default"),
+    "clip_default_-2": ("llava_clip", -2, "default"),
+    "clip_full_-1": ("llava_clip", -1, "full"),
+    "clip_default_layers_0_2": ("llava_clip", [0, 2], "default"),
+    "siglip_full_-1": ("llava_siglip", -1, "full"),
+    "siglip_default_-2": ("llava_siglip", -2, "default"),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(LLAVA_VARIANTS))
 def test_llava_matches_transformers(tmp_path, monkeypatch, variant):
-    model, n_img = llava(*LLAVA_VARIANTS[variant], num_experts_per_tok=2, norm_topk_prob=True)
+    layout, layer, strategy = LLAVA_VARIANTS[variant]
+    model, n_img = build(layout, feature_layer=layer, strategy=strategy, num_experts_per_tok=2, norm_topk_prob=True)
     set_experts(model, "pm_s")
     ref, ours = save_and_reload(model, tmp_path / "m")
     no_activation_quantization(monkeypatch)
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     prefix, suffix = [1, 17, 250], [3, 99, 42, 7, 180]
-    ids = torch.tensor([prefix + [IMAGE_TOKEN] * n_img + suffix])
+    ids = torch.tensor([prefix + [VOCAB - 1] * n_img + suffix])
     with torch.no_grad():
         want_features = ref.model.get_image_features(pixel_values=pixels).pooler_output[0]
         want = ref(input_ids=ids, pixel_values=pixels).logits
