@@ -7,7 +7,8 @@ tower) whose routed experts are ternary. Written by transformers 5.x itself: nul
 `rope_parameters`, `dtype`, `layer_types`. Routed experts are set to +-s per matrix (`pm_s`: absmean
 ternarisation is lossless, so transformers' float forward and our ternary one differ only by activation
 quantization) or zero (`zero`). With `--tokenizer`, a small byte-level BPE `tokenizer.json` (trained on a fixed
-text, so deterministic), its `tokenizer_config.json` with a chat template, and `generation_config.json`.
+text, so deterministic), its `tokenizer_config.json` with a chat template, `generation_config.json`, and for LLaVA the tower's
+`preprocessor_config.json`.
 
 transformers is a test dependency, imported here only.
 """
@@ -34,7 +35,7 @@ TRAINING_TEXT = ("The quick brown fox jumps over the lazy dog. Describe the imag
 def text_config(**overrides):
     import transformers
 
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, moe_intermediate_size=64, shared_expert_intermediate_size=80, num_experts=4,
               num_experts_per_tok=1, max_position_embeddings=128,
               rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
@@ -53,7 +54,7 @@ def build(layout: str, image_token_id: int = VOCAB - 1, feature_layer=-2, strate
         return transformers.Qwen2MoeForCausalLM(tc).eval(), 0
     tower = layout.removeprefix("llava_")
     strategy = strategy or ("default" if tower == "clip" else "full")
-    vision_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+    vision_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                      patch_size=8)
     vc = (transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig)(**vision_kw)
     n_img = 16 + (1 if tower == "clip" else 0) - (1 if strategy == "default" else 0)
@@ -71,7 +72,7 @@ def set_experts(model, mode: str, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if ".mlp.experts." in name:
                 for e in range(p.shape[0]):
-                    s = 0.0 if mode == "zero" else 0.02 + 0.01 * e
+                    s = 0.0 if mode == "zero" else 0.01 + 0.002 * e      # small next to the shared expert, as in a real MoTE
                     p[e] = s * torch.where(torch.rand(p[e].shape, generator=gen) < 0.5, -1.0, 1.0)
             elif name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.5, generator=gen)
@@ -108,7 +109,19 @@ def write_hf_model(out_dir: Path, layout: str = "qwen2_moe", experts: str = "pm_
     model.save_pretrained(out_dir)
     if ids:   # generate() stops at <|im_end|>, as a chat model's generation_config says
         transformers.GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]).save_pretrained(out_dir)
+        if layout != "qwen2_moe":
+            image_processor(layout).save_pretrained(out_dir)
     return out_dir
+
+
+def image_processor(layout: str):
+    """The tower's own preprocessing at our tiny image size (CLIP: shortest-edge resize + center crop, OpenAI
+    mean/std; SigLIP: resize to a square, mean/std 0.5), as preprocessor_config.json records it."""
+    import transformers
+
+    if layout == "llava_clip":
+        return transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
 
 
 def main(argv=None) -> int:
