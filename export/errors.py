@@ -13,6 +13,12 @@ class InputError(MoteError):
     exit_code = 2
 
 
+class PipelineError(MoteError):
+    """The graph passes did not produce what the targets are built on (e.g. a MoE block left unfused). Exit code 1."""
+
+    exit_code = 1
+
+
 class VerificationError(MoteError):
     """The lowered artifact does not match the PyTorch reference. Exit code 3."""
 

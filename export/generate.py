@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .io_utils import BOS, EOS, IMAGE, encode
+from .errors import InputError
 from .model import MoteForConditionalGeneration
+from .tokenizer import SpecialIds
 
 
 class EagerRunner:
@@ -40,18 +41,16 @@ class EagerRunner:
         return logits
 
 
-def prompt_tokens(prompt: str, with_image: bool) -> list[int]:
-    """[BOS] [IMAGE] prompt-bytes: the image placeholder is replaced by the image embeddings."""
-    return [BOS] + ([IMAGE] if with_image else []) + encode(prompt)
-
-
-def prompt_embeds(runner, tokens: list[int], pixel_values: torch.Tensor | None) -> torch.Tensor:
+def prompt_embeds(runner, tokens: list[int], pixel_values: torch.Tensor | None,
+                  image_token_id: int | None) -> torch.Tensor:
+    """Embeddings of the prompt ids, each image placeholder id replaced by the whole image's embeddings."""
     parts, start = [], 0
     for i, tok in enumerate(tokens + [None]):
-        if tok == IMAGE or tok is None:
+        is_image = tok is not None and tok == image_token_id
+        if is_image or tok is None:
             if i > start:
                 parts.append(runner.token_embedding(torch.tensor([tokens[start:i]], dtype=torch.long)))
-            if tok == IMAGE:
+            if is_image:
                 if pixel_values is None:
                     raise ValueError("the prompt has an image placeholder but no image was given")
                 parts.append(runner.vision_encoder(pixel_values))
@@ -59,22 +58,26 @@ def prompt_embeds(runner, tokens: list[int], pixel_values: torch.Tensor | None) 
     return torch.cat(parts, dim=1)
 
 
-def greedy_generate(runner, prompt: str, pixel_values: torch.Tensor | None, max_new_tokens: int,
-                    stop_at_eos: bool = True) -> tuple[list[int], list[torch.Tensor]]:
-    """Prefill the prompt in one call, then decode one token per call. Returns (new tokens, logits per step)."""
+def greedy_generate(runner, tokens: list[int], pixel_values: torch.Tensor | None, max_new_tokens: int,
+                    special: SpecialIds, stop_at_eos: bool = True) -> tuple[list[int], list[torch.Tensor]]:
+    """Prefill the prompt ids in one call, then decode one token per call until one of `special.eos` (none known:
+    until max_new_tokens). Returns (new tokens, logits per step)."""
     runner.reset()
-    embeds = prompt_embeds(runner, prompt_tokens(prompt, pixel_values is not None), pixel_values)
+    embeds = prompt_embeds(runner, list(tokens), pixel_values, special.image)
+    if embeds.shape[1] > runner.max_seq_len:
+        raise InputError(f"the prompt takes {embeds.shape[1]} positions (text + image) but the KV cache holds "
+                         f"{runner.max_seq_len}; use a shorter prompt or export with a larger --max-seq-len")
     pos = 0
     logits = runner.text_decoder(embeds, torch.tensor([pos], dtype=torch.long))[:, -1]
     pos += embeds.shape[1]
-    tokens, all_logits = [], [logits]
+    out, all_logits = [], [logits]
     for _ in range(max_new_tokens):
         tok = int(torch.argmax(logits, dim=-1)[0])
-        tokens.append(tok)
-        if (stop_at_eos and tok == EOS) or len(tokens) == max_new_tokens or pos >= runner.max_seq_len:
+        out.append(tok)
+        if (stop_at_eos and tok in special.eos) or len(out) == max_new_tokens or pos >= runner.max_seq_len:
             break
         emb = runner.token_embedding(torch.tensor([[tok]], dtype=torch.long))
         logits = runner.text_decoder(emb, torch.tensor([pos], dtype=torch.long))[:, -1]
         all_logits.append(logits)
         pos += 1
-    return tokens, all_logits
+    return out, all_logits

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .generate import greedy_generate, prompt_embeds, prompt_tokens
-from .io_utils import IMAGE
+from .generate import greedy_generate, prompt_embeds
+from .tokenizer import Prompt
 
 SQNR_CAP_DB = 300.0   # identical outputs have infinite SQNR; JSON has no infinity, so report the cap
 
@@ -38,19 +38,20 @@ def _stats(ref: torch.Tensor, test: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def compare(reference, target, prompt: str, pixel_values: torch.Tensor | None, n_tokens: int = 32) -> dict:
-    """Per-program numerics of `target` vs `reference` (both runners, see export.generate)."""
+def compare(reference, target, prompt: Prompt, pixel_values: torch.Tensor | None, n_tokens: int = 32) -> dict:
+    """Per-program numerics of `target` vs `reference` (both runners, see export.generate) on one prompt."""
     report = {}
-    tokens = prompt_tokens(prompt, pixel_values is not None)
+    tokens, image = list(prompt.ids), prompt.special.image
     if pixel_values is not None:
         report["vision_encoder"] = _stats(reference.vision_encoder(pixel_values), target.vision_encoder(pixel_values))
-    text = torch.tensor([[t for t in tokens if t != IMAGE]], dtype=torch.long)
+    text = torch.tensor([[t for t in tokens if t != image]], dtype=torch.long)
     report["token_embedding"] = _stats(reference.token_embedding(text), target.token_embedding(text))
 
-    ref_tokens, ref_logits = greedy_generate(reference, prompt, pixel_values, n_tokens, stop_at_eos=False)
+    ref_tokens, ref_logits = greedy_generate(reference, tokens, pixel_values, n_tokens, prompt.special,
+                                             stop_at_eos=False)
     # Teacher-forced run of the target on the reference's inputs (reference embeddings, reference tokens).
     target.reset()
-    embeds = prompt_embeds(reference, tokens, pixel_values)
+    embeds = prompt_embeds(reference, tokens, pixel_values, image)
     got = [target.text_decoder(embeds, torch.tensor([0], dtype=torch.long))[:, -1]]
     pos = embeds.shape[1]
     for tok in ref_tokens[:-1]:

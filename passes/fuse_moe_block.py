@@ -17,6 +17,9 @@ After:
 The per-expert packed trits and scales are stacked into [E, ...] buffers (the layout fused MoE kernels such as
 ONNX Runtime's QMoE read from), and the per-expert buffers leave the program. The op's reference kernel runs the
 same functions in the same order, so y is bit-identical.
+
+A top-k node that does not start this pattern is left alone; `why_not_fused(ep, topk)` names the first check it
+failed (as onnxscript's rewriter does), which the post-pipeline check `check_moe_fused` puts in its error.
 """
 from __future__ import annotations
 
@@ -27,6 +30,24 @@ from .program import add_constant, call, constant_value, remove_unused_constants
 
 aten = torch.ops.aten
 TERNARY = torch.ops.mote.ternary_linear.default
+
+
+class NoMatch(Exception):
+    """The first check a candidate block failed, as a short reason."""
+
+
+def _require(ok, why: str) -> None:
+    if not ok:
+        raise NoMatch(why)
+
+
+def _what(node) -> str:
+    """A node as a miss reason shows it: its op (e.g. `mul.Tensor`), else what kind of node it is."""
+    if not isinstance(node, torch.fx.Node):
+        return repr(node)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
 
 
 def _linear_weight(ep, node, h):
@@ -48,32 +69,30 @@ def _swiglu(ep, node, h):
     return (wg, wu, wd) if None not in (wg, wu, wd) else None
 
 
-def _ternary_expert(node, h):
+def _ternary_expert(node, h, e):
     """node = tl(silu(tl(h, G)) * tl(h, U), D): returns the three ternary_linear nodes (gate, up, down)."""
-    if not is_op(node, TERNARY):
-        return None
+    _require(is_op(node, TERNARY), f"expert {e} output is {_what(node)}, not mote.ternary_linear")
     mul = op(node.args[0], aten.mul.Tensor)
-    if mul is None or not is_op(mul.args[0], aten.silu.default):
-        return None
+    _require(mul is not None and is_op(mul.args[0], aten.silu.default),
+             f"expert {e} down projection reads {_what(node.args[0])}, not silu(gate) * up")
     gate, up = mul.args[0].args[0], mul.args[1]
-    if is_op(gate, TERNARY) and is_op(up, TERNARY) and gate.args[0] is h and up.args[0] is h:
-        return gate, up, node
-    return None
+    _require(is_op(gate, TERNARY) and is_op(up, TERNARY) and gate.args[0] is h and up.args[0] is h,
+             f"expert {e} gate/up are {_what(gate)}/{_what(up)}, not mote.ternary_linear of the block input")
+    return gate, up, node
 
 
 def _router(ep, topk):
     """topk(softmax(linear(h, Wr), -1), k) [-> v / sum(v)] -> scatter(zeros_like(p), -1, i, v)."""
     probs = op(topk.args[0], aten.softmax.int)
-    if probs is None or probs.args[1] not in (-1, probs.meta["val"].dim() - 1):
-        return None
+    _require(probs is not None and probs.args[1] in (-1, probs.meta["val"].dim() - 1),
+             f"top-k reads {_what(topk.args[0])}, not softmax(router logits, -1)")
     logits = op(probs.args[0], aten.linear.default)
-    if logits is None:
-        return None
+    _require(logits is not None, f"softmax reads {_what(probs.args[0])}, not the router's linear")
     h = logits.args[0]
     router = _linear_weight(ep, logits, h)
+    _require(router is not None, "router is not linear(h, W) with a constant W and no bias")
     getters = {u.args[1]: u for u in topk.users if u.target.__name__ == "getitem"}
-    if router is None or set(getters) != {0, 1}:
-        return None
+    _require(set(getters) == {0, 1}, "top-k values and indices are not both used")
     values, indices = getters[0], getters[1]
     renorm = False
     divs = [u for u in values.users if is_op(u, aten.div.Tensor) and u.args[0] is values]
@@ -82,51 +101,44 @@ def _router(ep, topk):
         if is_op(total, aten.sum.dim_IntList) and total.args[0] is values and list(total.args[1]) in ([-1], [2]):
             values, renorm = divs[0], True
     scatter = only_user(values)
-    if not (is_op(scatter, aten.scatter.src) and scatter.args[2] is indices and scatter.args[3] is values
-            and is_op(scatter.args[0], aten.zeros_like.default) and scatter.args[0].args[0] is probs):
-        return None
+    _require(is_op(scatter, aten.scatter.src) and scatter.args[2] is indices and scatter.args[3] is values
+             and is_op(scatter.args[0], aten.zeros_like.default) and scatter.args[0].args[0] is probs,
+             f"top-k weights feed {_what(scatter)}, not scatter(zeros_like(p), -1, indices, weights)")
     return h, router, topk.args[1], renorm, scatter
 
 
 def _match(ep, topk):
-    routed = _router(ep, topk)
-    if routed is None:
-        return None
-    h, router, top_k, renorm, combine = routed
+    """The block starting at `topk` as a dict of its parts; raises NoMatch with the first check that failed."""
+    h, router, top_k, renorm, combine = _router(ep, topk)
     n_experts = constant_value(ep, router).shape[0]
     slices = {}
     for s in combine.users:
-        if not (is_op(s, aten.slice.Tensor) and len(s.args) == 4 and s.args[3] == s.args[2] + 1):
-            return None
+        _require(is_op(s, aten.slice.Tensor) and len(s.args) == 4 and s.args[3] == s.args[2] + 1,
+                 f"routing weights are read by {_what(s)}, not one single-column slice per expert")
         slices[s.args[2]] = s
-    if sorted(slices) != list(range(n_experts)):
-        return None
+    _require(sorted(slices) == list(range(n_experts)),
+             f"routing weights are sliced for experts {sorted(slices)}, the router has {n_experts}")
     experts, acc_users = [], []
     for e in range(n_experts):
         mul = only_user(slices[e])
-        if not is_op(mul, aten.mul.Tensor):
-            return None
-        ex = _ternary_expert(other_arg(mul, slices[e]), h)
+        _require(is_op(mul, aten.mul.Tensor), f"expert {e} routing weight feeds {_what(mul)}, not a mul")
+        experts.append(_ternary_expert(other_arg(mul, slices[e]), h, e))
         add = only_user(mul)
-        if ex is None or not is_op(add, aten.add.Tensor):
-            return None
-        experts.append(ex)
+        _require(is_op(add, aten.add.Tensor), f"expert {e} weighted output feeds {_what(add)}, not an add")
         acc_users.append((add, other_arg(add, mul)))
     # The adds must chain: shared -> add_0 -> add_1 -> ... -> add_{E-1} = the block's output.
     for e in range(1, n_experts):
-        if acc_users[e][1] is not acc_users[e - 1][0]:
-            return None
+        _require(acc_users[e][1] is acc_users[e - 1][0], f"expert {e} is not added onto the sum of experts 0..{e - 1}")
     shared_out, output = acc_users[0][1], acc_users[-1][0]
     shared_gate = None
     if is_op(shared_out, aten.mul.Tensor) and any(is_op(a, aten.sigmoid.default) for a in shared_out.args):
         sig = next(a for a in shared_out.args if is_op(a, aten.sigmoid.default))
         shared_gate = _linear_weight(ep, sig.args[0], h)
         shared_out = other_arg(shared_out, sig)
-        if shared_gate is None:
-            return None
+        _require(shared_gate is not None, "shared-expert gate is not sigmoid(linear(h, W)) with a constant W")
     shared = _swiglu(ep, shared_out, h)
-    if shared is None:
-        return None
+    _require(shared is not None, f"shared expert output is {_what(shared_out)}, "
+                                 "not linear(silu(linear(h)) * linear(h)) with constant weights")
     return dict(h=h, shared=shared, shared_gate=shared_gate, router=router, experts=experts, top_k=top_k,
                 renorm=renorm, output=output)
 
@@ -139,11 +151,21 @@ def _stack(ep, nodes_by_expert, arg_index, fqn):
     return add_constant(ep, fqn, torch.stack(tensors).contiguous())
 
 
+def why_not_fused(ep, topk) -> str | None:
+    """The first check the block at this top-k node fails, or None when it matches (then nothing fused it)."""
+    try:
+        _match(ep, topk)
+    except NoMatch as miss:
+        return str(miss)
+    return None
+
+
 def fuse_moe_block(ep) -> int:
     graph, count = ep.graph, 0
     for topk in [n for n in graph.nodes if is_op(n, aten.topk.default)]:
-        m = _match(ep, topk)
-        if m is None:
+        try:
+            m = _match(ep, topk)
+        except NoMatch:
             continue
         base = spec_for(ep, m["router"]).target.rsplit(".", 1)[0] + ".experts"   # e.g. ...layers.3.mlp.gate.experts
         stacked = []

@@ -1,9 +1,11 @@
 """The pass pipeline: the one place that says which rewrites run, in which order.
 
 Every target runs exactly this list; targets then lower the `mote::` ops it leaves (passes are target-free).
+After the list, `check_moe_fused` makes sure it did what the targets (and their reports) rely on.
 """
 from __future__ import annotations
 
+from .check_moe_fused import check_moe_fused
 from .fuse_moe_block import fuse_moe_block
 from .fuse_ternary_linear import fuse_ternary_linear
 from .program import op_histogram
@@ -19,10 +21,12 @@ PIPELINE = [
 ]
 
 
-def run_pipeline(programs: dict, verify: bool = True):
-    """Run PIPELINE on each ExportedProgram in place; check numerics on its example inputs before vs after.
+def run_pipeline(programs: dict, moe_layers: tuple[int, ...], verify: bool = True):
+    """Run PIPELINE on each ExportedProgram in place; check numerics on its example inputs before vs after, then
+    that each of `moe_layers` (the config's MoE layers) became one mote.moe_ffn (PipelineError if not).
 
-    Returns (programs, log) where log[name] has the op histograms before/after, rewrite counts and max abs diff.
+    Returns (programs, log) where log[name] has the op histograms before/after, rewrite counts and max abs diff,
+    and log["text_decoder"]["moe_ffn_layers"] the layers found fused.
     """
     log = {}
     for name, ep in programs.items():
@@ -35,4 +39,6 @@ def run_pipeline(programs: dict, verify: bool = True):
         if verify:
             entry["max_abs_diff"] = check_numerics(name, expected, run_program(ep, inputs))
         log[name] = entry
+    fused = check_moe_fused(programs, tuple(moe_layers))
+    log["text_decoder"]["moe_ffn_layers"] = fused
     return programs, log

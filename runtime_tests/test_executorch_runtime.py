@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mote.export.generate import EagerRunner, greedy_generate
-from mote.export.io_utils import decode, preprocess_image, read_png
+from mote.export.images import load_pixel_values
 from mote.export.loader import load_model, save_model
+from mote.export.tokenizer import require_tokenizer
 from mote.targets import get_target
 from mote.tools import cli
 from mote.tools.make_random_model import random_config, random_model, write_qwen2_moe
@@ -108,13 +109,15 @@ def test_example_exports_verifies_and_captions(tmp_path):
     assert report["routed_expert_bits_per_weight"] <= 2.1
     model = load_model(EXAMPLE)
     sample = json.loads((EXAMPLE / "sample.json").read_text())
-    pixel_values = preprocess_image(read_png(EXAMPLE / "sample.png"), model.config.vision.image_size)
-    prompt = (EXAMPLE / "prompt.txt").read_text().strip()
-    tokens, _ = greedy_generate(get_target("android").runner(out, None, report["max_seq_len"], {}), prompt,
-                                pixel_values, 64)
-    caption = decode(tokens)
+    pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
+    tokenizer = require_tokenizer(out, model.config)
+    prompt = tokenizer.prompt((EXAMPLE / "prompt.txt").read_text().strip(), with_image=True)
+    tokens, _ = greedy_generate(get_target("android").runner(out, None, report["max_seq_len"], {}), prompt.ids,
+                                pixel_values, 64, prompt.special)
+    caption = tokenizer.decode(tokens)
     assert sample["color"] in caption and sample["shape"] in caption
-    ref_tokens, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt, pixel_values, 64)
+    ref_tokens, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt.ids, pixel_values, 64,
+                                    prompt.special)
     assert tokens == ref_tokens
 
 
@@ -127,7 +130,7 @@ def test_executorch_multimodal_runner_captions_the_sample(tmp_path):
     out = tmp_path / "android"
     report = _export(EXAMPLE, out, "--no-verify")
     model = load_model(EXAMPLE)
-    pixel_values = preprocess_image(read_png(EXAMPLE / "sample.png"), model.config.vision.image_size)
+    pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
     prompt = (EXAMPLE / "prompt.txt").read_text().strip()
     runner = MultimodalRunner(str(out / "model.pte"), str(out / "tokenizer.json"))
     config = GenerationConfig()
@@ -135,6 +138,9 @@ def test_executorch_multimodal_runner_captions_the_sample(tmp_path):
     pieces = []
     runner.generate([make_token_input([model.config.bos_token_id]), make_image_input(pixel_values),
                      make_text_input(prompt)], config, token_callback=pieces.append)
-    ours, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt, pixel_values, 48)
-    expected = decode([t for t in ours if t < 256])
+    tokenizer = require_tokenizer(out, model.config)
+    tokenized = tokenizer.prompt(prompt, with_image=True)
+    ours, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), tokenized.ids, pixel_values, 48,
+                              tokenized.special)
+    expected = tokenizer.decode(ours)
     assert "".join(pieces).startswith(expected[:32]) and len(expected) >= 32

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mote.export.generate import EagerRunner, greedy_generate
-from mote.export.io_utils import decode, preprocess_image, read_png
+from mote.export.images import load_pixel_values
 from mote.export.loader import load_model, save_model
+from mote.export.tokenizer import require_tokenizer, verification_prompt
 from mote.export.verify import compare, passed
 from mote.targets import get_target
 from mote.tools import cli
@@ -67,13 +68,15 @@ def test_example_exports_verifies_and_captions(tmp_path):
     assert {"text_decoder.onnx", "text_decoder.ort", "vision_encoder.ort"} <= names
     # caption through ORT equals the reference caption
     sample = json.loads((EXAMPLE / "sample.json").read_text())
-    pixel_values = preprocess_image(read_png(EXAMPLE / "sample.png"), model.config.vision.image_size)
-    prompt = (EXAMPLE / "prompt.txt").read_text().strip()
+    pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
+    tokenizer = require_tokenizer(out, model.config)
+    prompt = tokenizer.prompt((EXAMPLE / "prompt.txt").read_text().strip(), with_image=True)
     runner = get_target("onnx").runner(out, None, report["max_seq_len"], {})
-    tokens, _ = greedy_generate(runner, prompt, pixel_values, 64)
-    caption = decode(tokens)
+    tokens, _ = greedy_generate(runner, prompt.ids, pixel_values, 64, prompt.special)
+    caption = tokenizer.decode(tokens)
     assert sample["color"] in caption and sample["shape"] in caption
-    ref_tokens, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt, pixel_values, 64)
+    ref_tokens, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt.ids, pixel_values, 64,
+                                    prompt.special)
     assert tokens == ref_tokens
 
 
@@ -126,7 +129,8 @@ def test_kv_cache_prefill_then_decode_matches_reference_logits(tmp_path):
     save_model(model, d)
     report = _export(d, tmp_path / "onnx")
     runner = get_target("onnx").runner(tmp_path / "onnx", None, report["max_seq_len"], {})
-    numerics = compare(EagerRunner(model, report["max_seq_len"]), runner, "abc", torch.rand(1, 3, 16, 16) * 2 - 1)
+    prompt = verification_prompt(d, model.config, "abc", with_image=True)
+    numerics = compare(EagerRunner(model, report["max_seq_len"]), runner, prompt, torch.rand(1, 3, 16, 16) * 2 - 1)
     ok, why = passed(numerics, get_target("onnx").tolerance)
     assert ok, why
 
@@ -175,7 +179,7 @@ def test_fp32_expert_baseline_runs(tmp_path):
     from mote.passes.pipeline import run_pipeline
 
     model = random_model(random_config(), 17)
-    programs, _ = run_pipeline(export_programs(model, 32, KVCacheStyle.IO))
+    programs, _ = run_pipeline(export_programs(model, 32, KVCacheStyle.IO), model.config.moe.moe_layers)
     get_target("onnx").lower(programs, model, tmp_path, {"experts": "fp32", "max_seq_len": 32})
     m = onnx.load(str(tmp_path / "text_decoder.onnx"))
     assert {n.op_type for n in m.graph.node if n.domain == "com.microsoft"} == {"MoE"}

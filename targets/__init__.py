@@ -32,6 +32,8 @@ class Lowered:
     routed_expert_bytes: int              # bytes the artifact spends on them, scales included
     deviations: list[str] = dataclasses.field(default_factory=list)   # kernels that depart from the reference
     notes: list[str] = dataclasses.field(default_factory=list)
+    # What deviations and notes are worded from, read back from the artifact / the lowered program (JSON-able).
+    facts: dict = dataclasses.field(default_factory=dict)
 
     @property
     def routed_expert_bits_per_weight(self) -> float:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mote.export.generate import EagerRunner, greedy_generate
-from mote.export.io_utils import EOS, decode, preprocess_image, read_png
+from mote.export.images import load_pixel_values, read_image
 from mote.export.loader import load_model
 from mote.export.model import MoteBlock, TernaryExpert
+from mote.export.tokenizer import require_tokenizer
 from mote.tools.train_example import COLORS, POSITIONS, SHAPES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-mote"
@@ -48,7 +49,7 @@ def labels_from_pixels(rgb: torch.Tensor) -> dict:
 
 def test_sample_labels_match_the_pixels():
     info = json.loads((EXAMPLE / "sample.json").read_text())
-    got = labels_from_pixels(read_png(EXAMPLE / "sample.png"))
+    got = labels_from_pixels(read_image(EXAMPLE / "sample.png"))
     assert got == {k: info[k] for k in ("color", "shape", "position")}
 
 
@@ -67,12 +68,14 @@ def test_example_is_a_top1_mote_with_4_ternary_experts(model):
 
 def test_example_captions_its_sample_image(model, one_thread):
     info = json.loads((EXAMPLE / "sample.json").read_text())
-    truth = labels_from_pixels(read_png(EXAMPLE / "sample.png"))
+    truth = labels_from_pixels(read_image(EXAMPLE / "sample.png"))
     prompt = (EXAMPLE / "prompt.txt").read_text().strip()
-    pixels = preprocess_image(read_png(EXAMPLE / "sample.png"), model.config.vision.image_size)
-    tokens, _ = greedy_generate(EagerRunner(model, 128), prompt, pixels, 48)
-    caption = decode(tokens)
-    assert tokens[-1] == EOS, f"no EOS within 48 tokens: {caption!r}"
+    pixels = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
+    tokenizer = require_tokenizer(EXAMPLE, model.config)
+    tokenized = tokenizer.prompt(prompt, with_image=True)
+    tokens, _ = greedy_generate(EagerRunner(model, 128), tokenized.ids, pixels, 48, tokenized.special)
+    caption = tokenizer.decode(tokens)
+    assert tokens[-1] in tokenized.special.eos, f"no EOS within 48 tokens: {caption!r}"
     assert f"{truth['color']} {truth['shape']}" in caption, caption
     assert truth["position"] in caption, caption
     # it names exactly one colour, one shape and one position

@@ -153,7 +153,7 @@ def test_remove_dead_code():
 def test_pipeline_keeps_kv_cache_state_and_numerics():
     model = random_model(random_config(layers=2, top_k=2), 2)
     ep = _decoder(model, KVCacheStyle.STATE)
-    programs, log = run_pipeline({"text_decoder": ep})
+    programs, log = run_pipeline({"text_decoder": ep}, model.config.moe.moe_layers)
     after = log["text_decoder"]["ops_after"]
     assert after["mote.moe_ffn"] == 2 and after["aten.index_copy_"] == 4
     assert {"k_cache_0", "v_cache_1"} <= set(ep.state_dict)
@@ -167,7 +167,7 @@ def test_numerics_check_fails_loudly_on_a_changed_program():
     ep = _decoder(model)
     inputs = ep.example_inputs[0]
     expected = run_program(ep, inputs)
-    run_pipeline({"text_decoder": ep})
+    run_pipeline({"text_decoder": ep}, model.config.moe.moe_layers)
     key = next(k for k in ep.state_dict if k.endswith("down_packed"))
     ep.state_dict[key].copy_(torch.flip(ep.state_dict[key], dims=[-1]))   # a wrong repacking
     with pytest.raises(PassNumericsError, match="changed the numerics of text_decoder"):

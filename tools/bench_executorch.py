@@ -19,7 +19,6 @@ load hits them alike. The XNNPACK threadpool is set to `--threads` (1 by default
 """
 from __future__ import annotations
 
-import ast
 import os
 import platform
 import tempfile
@@ -102,19 +101,13 @@ def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
 
     # lower() rewrites the programs in place (fp32 baseline), so each variant exports its own (deterministic) copy
     programs = export_programs(model, max_seq_len, KVCacheStyle.STATE)
-    programs, _ = run_pipeline(programs, verify=False)
+    programs, _ = run_pipeline(programs, model.config.moe.moe_layers, verify=False)
     return TARGET.lower(programs, model, out_dir, {"experts": variant, "max_seq_len": max_seq_len})
 
 
 def _delegation(lowered) -> dict | None:
-    """The text_decoder entry of the target's delegation note (XNNPACK delegate count, ops left on portable kernels)."""
-    for note in lowered.notes:
-        if note.startswith("delegation: "):
-            try:
-                return ast.literal_eval(note[len("delegation: "):]).get("text_decoder")
-            except (ValueError, SyntaxError):
-                return None
-    return None
+    """The text_decoder entry of the target's delegation facts (XNNPACK delegate count, ops on portable kernels)."""
+    return lowered.facts.get("delegation", {}).get("text_decoder")
 
 
 class TimedDecoder:
@@ -201,7 +194,7 @@ def scaling_rows(rows: list[dict]) -> list[dict]:
 
 
 def delegation_notes(rows: list[dict]) -> list[str]:
-    """What differs between the variants' text_decoder on the portable kernels (from the target's delegation note)."""
+    """What differs between the variants' text_decoder on the portable kernels (from the target's delegation facts)."""
     if not rows or not rows[0]["qmoe"]["delegation"] or not rows[0]["fp32"]["delegation"]:
         return []
     t, f = rows[0]["qmoe"]["delegation"], rows[0]["fp32"]["delegation"]

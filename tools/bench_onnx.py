@@ -89,7 +89,7 @@ def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
 
     # lower() rewrites the programs in place, so each variant exports its own (deterministic) copy
     programs = export_programs(model, max_seq_len, KVCacheStyle.IO)
-    programs, _ = run_pipeline({"text_decoder": programs["text_decoder"]}, verify=False)
+    programs, _ = run_pipeline({"text_decoder": programs["text_decoder"]}, model.config.moe.moe_layers, verify=False)
     return onnx_target.TARGET.lower(programs, model, out_dir,
                                     {"experts": variant, "max_seq_len": max_seq_len, "ort": False})
 

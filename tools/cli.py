@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from mote.export.errors import InputError, MoteError, VerificationError
+from mote.export.errors import MoteError, VerificationError
 from mote.targets import REGISTRY
 
 DEFAULT_PROMPT = "Describe the image:"
@@ -59,27 +60,28 @@ def parse_args(argv):
 
 
 def verification_inputs(args, model):
-    """The image + prompt every program is checked on: the model's shipped sample, else a fixed synthetic one."""
+    """The prompt (a `Prompt`: token ids, special ids, `source`) + image every program is checked on: the model's
+    shipped sample (prompt.txt, sample.png) through its own tokenizer and image preprocessing, else a fixed
+    synthetic image and, without a tokenizer, a synthetic token-id prompt (`prompt.source` says which)."""
     import torch
 
-    from mote.export.io_utils import preprocess_image, read_png
+    from mote.export.images import load_pixel_values
+    from mote.export.tokenizer import verification_prompt
 
-    prompt = args.prompt
-    if prompt is None:
+    text = args.prompt
+    if text is None:
         p = args.model_dir / "prompt.txt"
-        prompt = p.read_text().strip() if p.is_file() else DEFAULT_PROMPT
+        text = p.read_text().strip() if p.is_file() else DEFAULT_PROMPT
     pixel_values = None
     vc = model.config.vision
     if vc is not None:
         image = args.image or (args.model_dir / "sample.png")
-        if image.is_file():
-            pixel_values = preprocess_image(read_png(image), vc.image_size)
-        elif args.image is not None:
-            raise InputError(f"{image}: image not found")
+        if image.is_file() or args.image is not None:
+            pixel_values = load_pixel_values(image, args.model_dir, model.config)
         else:
             gen = torch.Generator().manual_seed(0)
             pixel_values = torch.rand(1, vc.num_channels, vc.image_size, vc.image_size, generator=gen) * 2 - 1
-    return prompt, pixel_values
+    return verification_prompt(args.model_dir, model.config, text, pixel_values is not None), pixel_values
 
 
 def run(args) -> dict:
@@ -103,13 +105,14 @@ def run(args) -> dict:
                                 "token_embedding, text_decoder with torch.export"):
         programs = export_programs(model, max_seq_len, target.kv_style)
     with progress.step("passes", "rewriting MoTE blocks into mote:: ternary ops"):
-        programs, pass_log = run_pipeline(programs)
+        programs, pass_log = run_pipeline(programs, model.config.moe.moe_layers)
 
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        options = {"experts": "portable" if args.portable else "qmoe", "max_seq_len": max_seq_len}
+        options = {"experts": "portable" if args.portable else "qmoe", "max_seq_len": max_seq_len,
+                   "special_ids": prompt.special}
         with progress.step("lower", f"lowering to {args.target}"):
             lowered = target.lower(programs, model, staging, options)
         report = {
@@ -122,7 +125,9 @@ def run(args) -> dict:
             "routed_expert_bytes": lowered.routed_expert_bytes,
             "deviations": lowered.deviations,
             "notes": lowered.notes,
+            "facts": lowered.facts,
             "passes": pass_log,
+            "model": model_facts(model.config, prompt),
         }
         if args.no_verify:
             report["verify"] = "skipped"
@@ -143,7 +148,6 @@ def run(args) -> dict:
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         # The model's config and tokenizer travel with the artifacts: runners need the image size, token ids and
         # the vocabulary (the model's own tokenizer.json, else the byte-level one our vocabulary implies).
-        (staging / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2, sort_keys=True) + "\n")
         write_tokenizer(args.model_dir, model.config, staging)
         _replace_dir(staging, out_dir)
     finally:
@@ -152,14 +156,36 @@ def run(args) -> dict:
     return report
 
 
-def write_tokenizer(model_dir: Path, cfg, out_dir: Path) -> None:
-    from mote.export.io_utils import BYTE_VOCAB, byte_tokenizer_json
+def model_facts(cfg, prompt) -> dict:
+    """What was read from the model directory: its layout, the RoPE in use, the checkpoint dtype (weights are
+    computed in fp32), the special ids and where each came from (an unknown id is reported as null and left out
+    of the runner constants), and how the verification prompt was made."""
+    special = prompt.special
+    facts = {
+        "source_format": cfg.source_format,
+        "rope": {k: v for k, v in dataclasses.asdict(cfg.rope).items()
+                 if v is not None and (k != "truncate" or cfg.rope.rope_type == "yarn")},
+        "checkpoint_dtype": cfg.checkpoint_dtype,
+        "special_token_ids": {"bos": special.bos, "eos": list(special.eos), "pad": special.pad, "image": special.image,
+                              "sources": dict(special.sources)},
+        # Neither the config, generation_config.json nor the tokenizer names them: runners must not guess.
+        "unknown_special_ids": [name for name, known in (("bos", special.bos is not None), ("eos", bool(special.eos)))
+                                if not known],
+        "verification_prompt": {"source": prompt.source, "tokens": len(prompt.ids)},
+        "moe_layers": list(cfg.moe.moe_layers),
+    }
+    if cfg.vision is not None:
+        facts["vision"] = {"kind": cfg.vision.kind, "image_size": cfg.vision.image_size,
+                           "image_tokens": cfg.vision.num_image_tokens}
+    return facts
 
-    own = model_dir / "tokenizer.json"
-    if own.is_file():
-        shutil.copyfile(own, out_dir / "tokenizer.json")
-    elif cfg.vocab_size == BYTE_VOCAB:
-        (out_dir / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False, sort_keys=True))
+
+def write_tokenizer(model_dir: Path, cfg, out_dir: Path) -> None:
+    """The model's config, tokenizer, generation config, chat template and image preprocessing travel with the
+    artifacts, verbatim (export.tokenizer.SIDE_FILES; the byte-level tokenizer.json for our byte vocabulary)."""
+    from mote.export.tokenizer import copy_side_files
+
+    copy_side_files(model_dir, cfg, out_dir)
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
@@ -183,6 +209,10 @@ def summary(report: dict) -> str:
         lines.append(f"  {program}: SQNR {s['sqnr_db']:.1f} dB, max abs err {s['max_abs_err']:.2e}{extra}")
     for d in report.get("deviations", []):
         lines.append(f"  deviation: {d}")
+    unknown = report.get("model", {}).get("unknown_special_ids")
+    if unknown:
+        lines.append(f"  special ids: {' and '.join(unknown)} unknown (no config, generation config or tokenizer names "
+                     f"them); left out of the runner constants")
     lines.append(f"  verify: {report['verify']}")
     return "\n".join(lines)
 

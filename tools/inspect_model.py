@@ -42,7 +42,7 @@ def inspect(model_dir: Path, max_seq_len: int = 32) -> dict:
     report = {}
     before = {name: (dict(op_histogram(ep)), storage(ep, routed if name == "text_decoder" else 0))
               for name, ep in programs.items()}
-    programs, log = run_pipeline(programs)
+    programs, log = run_pipeline(programs, cfg.moe.moe_layers)
     for name, ep in programs.items():
         report[name] = {
             "before": {"ops": before[name][0], "storage": before[name][1]},

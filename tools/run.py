@@ -2,8 +2,9 @@
 
     mote-run out/tiny-mote-onnx --image examples/tiny-mote/sample.png [--prompt "Describe the image:"]
 
-Reads `report.json` (which target, the KV-cache length) and `config.json` from OUT_DIR; nothing runs in PyTorch
-except tensor plumbing.
+Reads `report.json` (which target, the KV-cache length) and the model's side files mote-export copied into OUT_DIR:
+`config.json`, the tokenizer (`tokenizer.json`, its config, `generation_config.json` for the stop tokens, the chat
+template) and `preprocessor_config.json` for images. Nothing runs in PyTorch except tensor plumbing.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from mote.export.errors import InputError, MoteError
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mote-run", description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--image", type=Path, default=None)
+    ap.add_argument("--image", type=Path, default=None, help="PNG, JPEG, ... (read with Pillow)")
     ap.add_argument("--prompt", default="Describe the image:")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--suffix", default=None, help="artifact variant to run, e.g. .ort (onnx target)")
+    ap.add_argument("--no-chat-template", action="store_true",
+                    help="prompt = BOS + image + the tokenized text, even if the model has a chat template")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
@@ -29,7 +32,8 @@ def main(argv=None) -> int:
     try:
         from mote.export.config import load_config
         from mote.export.generate import greedy_generate
-        from mote.export.io_utils import decode, preprocess_image, read_png
+        from mote.export.images import load_pixel_values
+        from mote.export.tokenizer import require_tokenizer
         from mote.targets import get_target
 
         report_path = args.out_dir / "report.json"
@@ -37,20 +41,20 @@ def main(argv=None) -> int:
             raise InputError(f"{report_path}: not found (is {args.out_dir} a mote-export output directory?)")
         report = json.loads(report_path.read_text())
         cfg = load_config(args.out_dir)
+        tokenizer = require_tokenizer(args.out_dir, cfg)
         pixel_values = None
         if args.image is not None:
             if cfg.vision is None:
                 raise InputError(f"{args.out_dir}: this model has no vision tower; drop --image")
-            if not args.image.is_file():
-                raise InputError(f"{args.image}: image not found")
-            pixel_values = preprocess_image(read_png(args.image), cfg.vision.image_size)
+            pixel_values = load_pixel_values(args.image, args.out_dir, cfg)
+        prompt = tokenizer.prompt(args.prompt, pixel_values is not None, use_chat_template=not args.no_chat_template)
         options = {"suffix": args.suffix} if args.suffix else {}
         runner = get_target(report["target"]).runner(args.out_dir, None, report["max_seq_len"], options)
-        tokens, _ = greedy_generate(runner, args.prompt, pixel_values, args.max_new_tokens)
+        tokens, _ = greedy_generate(runner, prompt.ids, pixel_values, args.max_new_tokens, prompt.special)
     except MoteError as e:
         print(f"mote-run: error: {e}", file=sys.stderr)
         return e.exit_code
-    print(decode(tokens))
+    print(tokenizer.decode(tokens))
     return 0
 
 

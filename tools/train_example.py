@@ -39,9 +39,11 @@ import torch.nn.functional as F
 
 from mote.export.config import parse_config
 from mote.export.generate import EagerRunner, greedy_generate
-from mote.export.io_utils import BOS, BYTE_VOCAB, EOS, IMAGE, PAD, decode, encode, preprocess_image, read_png, write_png
+from mote.export.images import load_pixel_values, preprocess_image, write_image
+from mote.export.io_utils import BOS, BYTE_VOCAB, EOS, IMAGE, PAD, decode, encode
 from mote.export.loader import load_model, save_model
 from mote.export.model import MoteBlock, MoteForConditionalGeneration, SwiGLU
+from mote.export.tokenizer import byte_tokenizer_json_text, require_tokenizer
 
 PROMPT = "Describe the image:"
 IMAGE_SIZE = 32
@@ -541,9 +543,11 @@ def main(argv=None) -> int:
         stale.unlink()
     save_model(model, out)
     (out / "prompt.txt").write_text(PROMPT + "\n")
+    # the byte vocabulary as a tokenizer.json, so stock tokenizers (transformers, ExecuTorch's runners) read it too
+    (out / "tokenizer.json").write_text(byte_tokenizer_json_text(), encoding="utf-8")
     sample_label = ("yellow", "triangle", "lower right")   # the longest caption: 47 bytes + EOS = 48 tokens
     sample = render(*sample_label, torch.Generator().manual_seed(args.seed + 7))
-    write_png(out / "sample.png", sample)
+    write_image(out / "sample.png", sample)
     sample_info = dict(zip(("color", "shape", "position"), sample_label))
     sample_info["caption"] = caption_text(*sample_label)
     (out / "sample.json").write_text(json.dumps(sample_info, indent=2) + "\n")
@@ -561,15 +565,18 @@ def main(argv=None) -> int:
 def verify(out: Path, eval_imgs, eval_labels) -> dict:
     model = load_model(out)
     prompt = (out / "prompt.txt").read_text().strip()
+    # the prompt exactly as mote-run builds it from the shipped tokenizer.json: [BOS] [IMAGE] prompt bytes
+    tokenized = require_tokenizer(out, model.config).prompt(prompt, with_image=True)
     runner = EagerRunner(model, MAX_SEQ_LEN)
     info = json.loads((out / "sample.json").read_text())
-    toks, _ = greedy_generate(runner, prompt, preprocess_image(read_png(out / "sample.png"), IMAGE_SIZE), 48)
+    pixels = load_pixel_values(out / "sample.png", out, model.config)
+    toks, _ = greedy_generate(runner, tokenized.ids, pixels, 48, tokenized.special)
     sample_caption = decode(toks)
     sample_ok = toks == encode(info["caption"]) + [EOS]
     print(f"sample.png: {prompt!r} ->{sample_caption!r} ({'correct' if sample_ok else 'WRONG'})", flush=True)
     outs = []
     for img in eval_imgs:
-        t, _ = greedy_generate(runner, prompt, preprocess_image(img, IMAGE_SIZE), 48)
+        t, _ = greedy_generate(runner, tokenized.ids, preprocess_image(img, IMAGE_SIZE), 48, tokenized.special)
         outs.append(t)
     sc = caption_scores(outs, eval_labels)
     print(f"held-out (reloaded model, greedy_generate, 48 tokens): exact {sc['exact']:.1%} of {len(eval_labels)} "
@@ -633,7 +640,8 @@ Only layers {list(cfg.moe.moe_layers)} are MoE: with latent fp32 experts in all 
 
 ## Measured on the saved directory
 
-Reloaded with `load_model`, decoded with `greedy_generate(EagerRunner(model, 128), prompt, pixels, 48)`:
+Reloaded with `load_model`, decoded with `greedy_generate(EagerRunner(model, 128), prompt.ids, pixels, 48,
+prompt.special)` on the prompt `mote.export.tokenizer` builds from the shipped `tokenizer.json`:
 
 - held-out caption accuracy (exact match of the whole caption and its EOS) on {n_eval} fresh images (2 per
   colour x shape x quadrant, rendered from a separate seed; {overlap} of them pixel-identical to a training image):

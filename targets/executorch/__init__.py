@@ -21,43 +21,46 @@ from mote.passes.program import constant_value
 from mote.targets import Lowered, Target, quiet_toolchain
 
 from .decompose import DECOMPOSITIONS, use_float_experts
+from .report import read_back, render_notes, routed_constants
 
 PTE_NAME = "model.pte"
 
 
-def routed_expert_storage(ep) -> tuple[int, int]:
-    """(routed-expert weights, bytes of their packed codes + scales) as held by the program's constants."""
-    weights = nbytes = 0
+def routed_expert_weights(ep) -> int:
+    """The number of routed-expert weights (trits) of the program's mote.moe_ffn ops: 3 matrices of I x d each."""
+    weights = 0
     for node in ep.graph.nodes:
         if is_op(node, torch.ops.mote.moe_ffn.default):
-            x, gp = node.args[0], node.args[6]
-            consts = [constant_value(ep, a) for a in node.args[6:12]]
-            d, (e, inter) = x.meta["val"].shape[-1], constant_value(ep, gp).shape[:2]
+            d, (e, inter) = node.args[0].meta["val"].shape[-1], constant_value(ep, node.args[6]).shape[:2]
             weights += 3 * e * inter * d
-            nbytes += sum(t.numel() * t.element_size() for t in consts)
-        elif is_op(node, torch.ops.mote.ternary_linear.default):
-            packed, scale = constant_value(ep, node.args[1]), constant_value(ep, node.args[2])
-            weights += packed.shape[0] * node.args[3]
-            nbytes += packed.numel() + scale.numel() * scale.element_size()
-    return weights, nbytes
+    return weights
 
 
-def constant_methods(model, max_seq_len: int) -> dict:
+def constant_methods(model, max_seq_len: int, special_ids=None) -> dict:
+    """The constant methods ExecuTorch's LLM runners read. `special_ids` (export.tokenizer.SpecialIds, resolved from
+    the model directory; None: the model config's ids): a bos / eos nobody knows is left out, and the runner then
+    takes its tokenizer's."""
+    from mote.export.tokenizer import config_special_ids
+
     cfg = model.config
-    return {
+    special = special_ids if special_ids is not None else config_special_ids(cfg)
+    methods = {
         "get_max_seq_len": max_seq_len,
         "get_max_context_len": max_seq_len,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": False,
         "enable_dynamic_shape": True,
-        "get_bos_id": cfg.bos_token_id,
-        "get_eos_ids": [cfg.eos_token_id],
         "get_vocab_size": cfg.vocab_size,
         "get_n_layers": cfg.num_hidden_layers,
     }
+    if special.bos is not None:
+        methods["get_bos_id"] = special.bos
+    if special.eos:
+        methods["get_eos_ids"] = list(special.eos)
+    return methods
 
 
-def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False):
+def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False, special_ids=None):
     """ExportedPrograms (after the pass pipeline) -> ExecuTorch program manager.
 
     `float_experts` builds the benchmark's fp32 baseline: the same gather structure over float32 expert weights.
@@ -75,7 +78,7 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False)
         edge = to_edge_transform_and_lower(
             decomposed, partitioner=[XnnpackPartitioner()],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=constant_methods(model, max_seq_len))
+            constant_methods=constant_methods(model, max_seq_len, special_ids))
         return edge, edge.to_executorch(ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
@@ -106,25 +109,17 @@ class ExecuTorchTarget(Target):
     tolerance = Tolerance(min_sqnr_db=60.0)   # exact reference semantics in fp32
 
     def lower(self, programs, model, out_dir: Path, options: dict) -> Lowered:
-        weights, nbytes = routed_expert_storage(programs["text_decoder"])
+        weights = routed_expert_weights(programs["text_decoder"])
         float_experts = options.get("experts") == "fp32"
-        if float_experts:
-            nbytes = weights * 4
-        edge, et = to_pte(programs, model, options["max_seq_len"], float_experts)
+        edge, et = to_pte(programs, model, options["max_seq_len"], float_experts, options.get("special_ids"))
         path = out_dir / PTE_NAME
         path.write_bytes(et.buffer)
-        summary = delegation_summary(edge)
-        notes = [
-            "routed experts: 2-bit codes (4 per byte) + fp32 scales, decoded in the program; only the top-k experts' "
-            "bytes are gathered per token (index_select), exact per-token int8 activation quantization",
-            "XNNPACK (fp32, no 8-bit dynamic activations): attention, shared expert, router, projector, vision tower; "
-            "portable kernels: the routed-expert gather/decode, top-k routing, KV-cache updates",
-            f"KV cache: mutable buffers k_cache_i/v_cache_i, static length {options['max_seq_len']}; "
-            "prefill decodes the chosen experts per token (memory grows with T * k * expert size)",
-            f"delegation: {summary}",
-        ]
-        return Lowered(artifacts=[path], routed_expert_weights=weights, routed_expert_bytes=nbytes,
-                       deviations=[], notes=notes)
+        # Every statement of the report is read back from the written .pte and the program it was emitted from.
+        facts = read_back(path, et, routed_constants(programs["text_decoder"]))
+        facts["delegation"] = delegation_summary(edge)
+        return Lowered(artifacts=[path], routed_expert_weights=weights,
+                       routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=[],
+                       notes=render_notes(facts, weights), facts=facts)
 
     def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):
         return PteRunner(Path(out_dir) / PTE_NAME, max_seq_len)

@@ -21,18 +21,14 @@ from mote.export.verify import Tolerance
 from mote.targets import Lowered, Target, quiet_toolchain
 
 from .repack import lower_to_ort_layouts
-from .variants import PORTABLE_OPSET, to_fp32_experts, to_portable
+from .report import read_back, render
+from .variants import to_fp32_experts, to_portable
 
 # How the routed experts are stored and run: QMoE 2-bit (default), standard ops only (--portable), or float32 MoE
 # (the benchmark's baseline).
 VARIANTS = {"qmoe": None, "portable": to_portable, "fp32": to_fp32_experts}
 
 OPSET = 21
-DEVIATIONS = [
-    "onnx: com.microsoft.QMoE's block-wise 2-bit CPU kernel (MLAS LUT GEMM) quantizes the expert activations "
-    "itself instead of the reference's per-token symmetric int8, and does not re-quantize the activation before "
-    "the down projection; the shared expert, attention and router are fp32 and exact",
-]
 
 
 def _rename_io(model: onnx.ModelProto, mapping: dict[str, str]) -> None:
@@ -109,35 +105,19 @@ class OnnxTarget(Target):
     tolerance = Tolerance(min_sqnr_db=35.0)   # declared kernel deviation (QMoE activation quantization)
 
     def lower(self, programs, model, out_dir: Path, options: dict) -> Lowered:
-        facts = {"weights": 0, "bytes": 0, "blocks": set()}
-        paths = []
+        weights, paths = 0, []
         for name, ep in programs.items():
-            f = lower_to_ort_layouts(ep)
-            for k in ("weights", "bytes"):
-                facts[k] += f[k]
-            facts["blocks"] |= f["blocks"]
+            weights += lower_to_ort_layouts(ep)
             path = out_dir / f"{name}.onnx"
             export_onnx(ep, path, decoder=name == "text_decoder", postprocess=VARIANTS[options.get("experts", "qmoe")])
             paths.append(path)
         ort_paths = convert_to_ort(paths) if options.get("ort", True) else []
-        variant = options.get("experts", "qmoe")
-        if variant == "fp32":   # the benchmark baseline stores the experts as float32
-            facts["bytes"] = facts["weights"] * 4
-        blocks = sorted(facts["blocks"])
-        cache = ("KV cache: past_key_i/past_value_i inputs, present_key_i/present_value_i outputs, "
-                 f"static length {options['max_seq_len']}")
-        if variant == "portable":
-            notes = [f"routed experts: standard ops only (opset {PORTABLE_OPSET}), INT2 DequantizeLinear + MatMul, "
-                     f"block-wise fp32 scales (block {blocks}); dense all-expert compute: standard ONNX has no op "
-                     "that reads only the selected experts' weights", cache]
-            deviations = ["onnx --portable: expert activations stay float (no per-token int8 quantization); "
-                          "ONNX Runtime may fuse DequantizeLinear+MatMul into MatMulNBits with int8 activations"]
-        else:
-            notes = [f"routed experts: com.microsoft.QMoE, 2-bit codes, block-wise fp32 scales (block {blocks}); "
-                     "only the top-k experts' weights are read per token", cache]
-            deviations = list(DEVIATIONS)
-        return Lowered(artifacts=paths + ort_paths, routed_expert_weights=facts["weights"],
-                       routed_expert_bytes=facts["bytes"], deviations=deviations, notes=notes)
+        # Every statement of the report is read back from the written .onnx files.
+        facts = read_back(paths)
+        deviations, notes = render(facts, weights)
+        return Lowered(artifacts=paths + ort_paths, routed_expert_weights=weights,
+                       routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=deviations, notes=notes,
+                       facts=facts)
 
     def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):
         return OrtRunner(out_dir, max_seq_len, suffix=options.get("suffix", ".onnx"))

@@ -118,10 +118,11 @@ def _(x, b, scales, k, k_pad, block):
     return x.new_empty((*x.shape[:-1], b.shape[0]))
 
 
-def lower_to_ort_layouts(ep) -> dict:
-    """Rewrite the program's mote:: ops into the mote_onnx:: ops above. Returns routed-expert storage facts."""
+def lower_to_ort_layouts(ep) -> int:
+    """Rewrite the program's mote:: ops into the mote_onnx:: ops above. Returns the number of routed-expert weights
+    (trits) of the mote.moe_ffn ops it lowered; what they cost is read from the written file (see report.py)."""
     graph = ep.graph
-    facts = {"weights": 0, "bytes": 0, "blocks": set()}
+    routed_weights = 0
     for node in list(graph.nodes):
         if is_op(node, torch.ops.mote.moe_ffn.default):
             x, sg, su, sd, seg, router, gp, gs, up, us, dp, ds, k, renorm = node.args
@@ -135,9 +136,7 @@ def lower_to_ort_layouts(ep) -> dict:
                        (x, sg, su, sd, seg, router, *consts, k, renorm, block, d, inter, d_pad, i_pad), node)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-            facts["weights"] += 3 * vals[0].shape[0] * d * inter
-            facts["bytes"] += sum(t.numel() * t.element_size() for t in (fc1, fc1_s, fc2, fc2_s))
-            facts["blocks"].add(block)
+            routed_weights += 3 * vals[0].shape[0] * d * inter
         elif is_op(node, torch.ops.mote.ternary_linear.default):
             x, packed, scale, k = node.args
             p, s = constant_value(ep, packed), constant_value(ep, scale)
@@ -151,12 +150,9 @@ def lower_to_ort_layouts(ep) -> dict:
             new = call(graph, torch.ops.mote_onnx.matmul_2bit.default, (x, *consts, k, k_pad, block), node)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-            facts["weights"] += n_out * k
-            facts["bytes"] += b.numel() + scales.numel() * 4
-            facts["blocks"].add(block)
         elif is_op(node, torch.ops.mote.unpack_trits.default):
             raise RuntimeError("onnx: an unfused mote.unpack_trits reached the target (the pass pipeline did not run)")
     graph.eliminate_dead_code()
     remove_unused_constants(ep)
     ep.graph_module.recompile()
-    return facts
+    return routed_weights

@@ -1,0 +1,225 @@
+"""What report.json says about a `.pte`, read back from the file and from the ExecuTorch program it was emitted from.
+
+    facts = read_back(pte_path, et_manager)      routed-expert storage, how the experts are read, KV cache,
+                                                  activation quantization
+    facts["delegation"] = delegation_summary(edge)
+    notes = render_notes(facts, routed_weights)   sentences worded from those facts only
+
+Storage comes from the `.pte` itself: its flatbuffer holds, per method, one value per graph placeholder (the
+emitter writes them in graph order) with the tensor's scalar type, sizes and the index of its data in the constant
+segment. The placeholders' names come from the emitted program's graph signature, so `...experts.gate_packed`
+in the file is known by name; the mapping is checked tensor by tensor (sizes and type) before it is used.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROUTED = ".experts."      # routed-expert constants, as the passes name them (see passes.check_moe_fused)
+DECODER = "text_decoder"
+# Ops that hand on (a slice or view of) their first argument's values: the top-k indices stay top-k indices.
+_PASS_THROUGH = {"aten.select", "aten.select_copy", "aten.alias", "aten.alias_copy", "aten.view", "aten.view_copy",
+                 "aten.squeeze", "aten.squeeze_copy", "aten.clone", "dim_order_ops._to_dim_order_copy",
+                 "aten._to_copy", "view"}
+_DTYPES = {"BYTE": "uint8", "CHAR": "int8", "SHORT": "int16", "INT": "int32", "LONG": "int64", "HALF": "float16",
+           "FLOAT": "float32", "DOUBLE": "float64", "BOOL": "bool", "BFLOAT16": "bfloat16"}
+_ELEMENT_SIZE = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "float16": 2, "bfloat16": 2, "int32": 4,
+                 "float32": 4, "int64": 8, "float64": 8}
+
+
+def op_kind(target) -> str:
+    """`aten.index_select` for an ATen, edge or out-variant overload of it; `getitem`, `view`, ... for functions."""
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name.replace("::", ".")
+    return getattr(target, "__name__", str(target))
+
+
+def _from_topk_indices(node) -> bool:
+    """node is (a slice or view of) the indices output of a top-k."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        if node.target is operator.getitem:
+            src = node.args[0]
+            return op_kind(getattr(src, "target", None)) == "aten.topk" and node.args[1] == 1
+        if op_kind(node.target) not in _PASS_THROUGH:
+            return False
+        node = node.args[0]
+    return False
+
+
+def expert_reads(graph: torch.fx.Graph, names) -> dict[str, list[str]]:
+    """Per placeholder in `names`: the ops that read it other than index_select(it, 0, top-k indices).
+
+    An empty list means only the router's selected experts are ever read from that tensor (an unused placeholder
+    gets ["nothing"]: it is not read through a gather either).
+    """
+    out = {}
+    for node in graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        other = [op_kind(u.target) for u in node.users
+                 if not (op_kind(u.target) == "aten.index_select" and u.args[0] is node and u.args[1] == 0
+                         and _from_topk_indices(u.args[2]))]
+        out[node.name] = other if node.users else ["nothing"]
+    return out
+
+
+def _read_pte(path: Path):
+    """The `.pte`'s flatbuffer program and the file's segment layout, without loading the constant data."""
+    from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+    from executorch.exir._serialize._program import _ExtendedHeader, _get_extended_header
+
+    with open(path, "rb") as f:
+        head = f.read(_ExtendedHeader.NUM_HEAD_BYTES)
+        header = _get_extended_header(head)
+        f.seek(0)
+        data = f.read(header.program_size) if header is not None else f.read()
+    return _flatbuffer_to_program(data), header, path.stat().st_size
+
+
+def _serialized_tensors(program, header, file_size: int, ep, method: str) -> dict[str, dict]:
+    """FQN -> {dtype, shape, bytes, constant, memory_planned} of `method`'s parameter / buffer placeholders as the
+    `.pte` stores them. `constant`: the data is in the file (a constant segment entry); `memory_planned`: the tensor
+    lives in the method's planned memory (mutable buffers such as the KV cache).
+    """
+    from executorch.exir.scalar_type import ScalarType
+
+    plan = next(p for p in program.execution_plan if p.name == method)
+    fqns = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.target is not None}
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    segment = program.segments[program.constant_segment.segment_index] if program.segments else None
+    offsets = program.constant_segment.offsets
+    out = {}
+    for node, value in zip(placeholders, plan.values):
+        if node.name not in fqns:
+            continue
+        t = value.val
+        dtype = _DTYPES.get(ScalarType(t.scalar_type).name, ScalarType(t.scalar_type).name.lower())
+        shape = [int(s) for s in t.sizes]
+        expected = node.meta["val"]
+        # The emitter writes one value per placeholder in graph order; anything else and names would be wrong.
+        if type(t).__name__ != "Tensor" or shape != list(expected.shape) or dtype != str(expected.dtype)[6:]:
+            raise RuntimeError(f"android: {method}'s serialized values do not follow its placeholders "
+                               f"({fqns[node.name]}: {dtype}{shape} in the .pte)")
+        nbytes = _ELEMENT_SIZE[dtype] * int(torch.Size(shape).numel())
+        constant = t.data_buffer_idx > 0
+        if constant and segment is not None:
+            idx = t.data_buffer_idx
+            end = offsets[idx + 1] if idx + 1 < len(offsets) else segment.size
+            if idx >= len(offsets) or end - offsets[idx] < nbytes or \
+                    header.segment_base_offset + segment.offset + segment.size > file_size:
+                raise RuntimeError(f"android: the .pte holds no data for {fqns[node.name]}")
+        out[fqns[node.name]] = {"dtype": dtype, "shape": shape, "bytes": nbytes, "constant": constant,
+                                "memory_planned": t.allocation_info is not None, "placeholder": node.name}
+    return out
+
+
+def _graphs(gm):
+    """A method's graph and the original graphs of its delegated parts (what XNNPACK was given)."""
+    yield gm.graph
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(gm, node.target, None)
+            original = getattr(sub, "original_module", None)
+            if original is not None:
+                yield from _graphs(original.graph_module)
+
+
+def _activation_quantization(et) -> dict:
+    """Quantize-type ops per method (in the graph or inside a delegate), and the int8 rounding of text_decoder."""
+    quant, rounds, int8_clamps = {}, 0, 0
+    for method in et.methods:
+        ops = Counter()
+        for graph in _graphs(et.exported_program(method).graph_module):
+            for node in graph.nodes:
+                if node.op != "call_function":
+                    continue
+                kind = op_kind(node.target)
+                if "quantize" in kind or "choose_qparams" in kind:
+                    ops[kind] += 1
+                if method == DECODER and kind == "aten.round":
+                    rounds += 1
+                if method == DECODER and kind == "aten.clamp" and list(node.args[1:3]) == [-128, 127]:
+                    int8_clamps += 1
+        if ops:
+            quant[method] = dict(sorted(ops.items()))
+    return {"quantize_ops": quant, "text_decoder_round_ops": rounds, "text_decoder_int8_clamps": int8_clamps}
+
+
+def routed_constants(ep) -> set[str]:
+    """FQNs of the routed-expert constants of a program (after the passes: the moe ops' stacked expert buffers)."""
+    return {s.target for s in ep.graph_signature.input_specs if s.target is not None and ROUTED in s.target}
+
+
+def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
+    """Facts about the written `.pte` (see the module docstring); `et` is the ExecutorchProgramManager it came from,
+    `routed_names` the routed-expert constants of the text_decoder that was lowered."""
+    program, header, file_size = _read_pte(pte_path)
+    ep = et.exported_program(DECODER)
+    tensors = _serialized_tensors(program, header, file_size, ep, DECODER)
+    routed = {fqn: t for fqn, t in tensors.items() if ROUTED in fqn}
+    # A routed-expert tensor taken into a delegate (or folded away) would be missing from the count below.
+    missing = sorted(routed_names - {fqn for fqn, t in routed.items() if t["constant"]})
+    if missing:
+        raise RuntimeError(f"android: {len(missing)} routed-expert tensors are not constants of the .pte's "
+                           f"{DECODER} (e.g. {missing[0]}): their storage cannot be read back")
+    by_name = {t["placeholder"]: fqn for fqn, t in routed.items()}
+    reads = expert_reads(ep.graph, set(by_name))
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    return {
+        "routed_experts": {
+            "constants": [{"name": fqn, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["bytes"]}
+                          for fqn, t in routed.items()],
+            "bytes": sum(t["bytes"] for t in routed.values()),
+            "read_other_than_by_topk_gather": {by_name[p]: ops for p, ops in reads.items() if ops},
+        },
+        "kv_cache": [{"name": fqn, "dtype": t["dtype"], "shape": t["shape"], "memory_planned": t["memory_planned"]}
+                     for fqn, t in tensors.items() if fqn in mutated],
+        "activations": _activation_quantization(et),
+    }
+
+
+def _shapes(items) -> str:
+    """[{dtype, shape}, ...] -> 'uint8 [4, 96, 16] x4, float32 [4, 1] x6'."""
+    counts = Counter((i["dtype"], tuple(i["shape"])) for i in items)
+    return ", ".join(f"{d} {list(s)} x{n}" for (d, s), n in counts.items())
+
+
+def render_notes(facts: dict, routed_weights: int) -> list[str]:
+    """The report's sentences, each worded from `facts` alone."""
+    r = facts["routed_experts"]
+    notes = [f"routed experts: {len(r['constants'])} constants in the .pte's text_decoder ({_shapes(r['constants'])}): "
+             f"{r['bytes']} bytes for {routed_weights} weights, {r['bytes'] * 8 / max(routed_weights, 1):.3f} "
+             "bits/weight"]
+    other = r["read_other_than_by_topk_gather"]
+    if r["constants"] and not other:
+        notes.append(f"routed-expert reads: all {len(r['constants'])} routed-expert constants are read only by "
+                     "index_select on the router's top-k indices: per token, only the selected experts' bytes are "
+                     "gathered")
+    elif other:
+        first = next(iter(other.items()))
+        notes.append(f"routed-expert reads: {len(other)} of {len(r['constants'])} routed-expert constants are also "
+                     f"read by other ops (e.g. {first[0]}: {', '.join(first[1])}): unselected experts are read too")
+    a = facts["activations"]
+    quant = "; ".join(f"{m}: {', '.join(f'{k} x{n}' for k, n in ops.items())}" for m, ops in a["quantize_ops"].items())
+    rounding = (f"text_decoder rounds activations to the int8 grid itself ({a['text_decoder_round_ops']} round, "
+                f"{a['text_decoder_int8_clamps']} clamp(-128, 127) ops)" if a["text_decoder_round_ops"]
+                else "text_decoder rounds no activation to the int8 grid")
+    notes.append(f"activations: quantize/dequantize ops in the methods and their XNNPACK delegates: {quant or 'none'}; "
+                 + rounding)
+    kv = facts["kv_cache"]
+    if kv:
+        planned = "memory-planned" if all(t["memory_planned"] for t in kv) else "not all memory-planned"
+        notes.append(f"KV cache: {len(kv)} mutable buffers of text_decoder, {planned} ({kv[0]['name']} ... "
+                     f"{kv[-1]['name']}: {_shapes(kv)})")
+    else:
+        notes.append("KV cache: text_decoder has no mutable buffers")
+    for method, d in sorted(facts.get("delegation", {}).items()):
+        # memory.alloc / memory.view are emitter instructions (planned memory, aliasing), not kernels
+        portable = ", ".join(f"{k} x{n}" for k, n in d["portable_ops"].items() if k not in ("alloc", "view"))
+        notes.append(f"delegation, {method}: {d['xnnpack_delegates']} XNNPACK delegate calls; on portable kernels: "
+                     f"{portable or 'nothing'}")
+    return notes
