@@ -631,14 +631,19 @@ def _check_consistency(cfg: MoteConfig, where: str) -> None:
                          f"(limit {MAX_PARAMETER_BYTES / 2**30:.0f} GiB); refusing before allocating anything")
 
 
-def load_config(model_dir: Path) -> MoteConfig:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (a model directory needs config.json)")
+def read_json(path: Path):
+    """A model directory's JSON file (config, generation config, tokenizer config, preprocessor config), with one
+    clear line naming the file if it cannot be read or parsed."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InputError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from None
-    return parse_config(data, str(path))
+
+
+def load_config(model_dir: Path) -> MoteConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (a model directory needs config.json)")
+    return parse_config(read_json(path), str(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import read_json
 from .errors import InputError
 
 # Class defaults of transformers 5.x's image processors (models/{clip,siglip,llava}/image_processing_pil_*.py);
@@ -209,11 +210,7 @@ def image_processor(model_dir: Path, cfg):
     size = cfg.vision.image_size
     if not path.is_file():
         return lambda image: preprocess_image(torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)), size)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from None
-    proc = HFImageProcessor(data, str(path))
+    proc = HFImageProcessor(read_json(path), str(path))
 
     def run(image):
         x = proc(image)

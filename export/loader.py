@@ -61,7 +61,7 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
             raise InputError(f"{where}: tensor '{shown}' contains NaN or Inf")
         weights[name] = weight
     model.load_state_dict(weights, assign=True, strict=True)
-    model.inv_freq, model.rope_attention_scaling = rope_frequencies(cfg)   # a non-persistent buffer: not in the files
+    model.inv_freq = rope_frequencies(cfg)[0]   # a non-persistent buffer (not in the files), built on meta above
     return model.eval()
 
 

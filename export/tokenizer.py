@@ -21,6 +21,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+from .config import read_json
 from .errors import InputError
 from .io_utils import BYTE_VOCAB, byte_tokenizer_json
 
@@ -60,12 +61,7 @@ def _json_object(path: Path) -> dict:
     """A JSON object file's contents; {} when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data

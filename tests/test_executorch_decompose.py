@@ -21,7 +21,14 @@ def test_decomposition_matches_and_gathers_only_selected_experts():
     torch.testing.assert_close(run_program(lowered, lowered.example_inputs[0])[0], expected[0], rtol=1e-5, atol=1e-5)
     ops = {str(n.target) for n in lowered.graph.nodes if n.op == "call_function"}
     assert not any("mote." in o for o in ops)
-    # every read of a packed expert tensor is index_select(packed, 0, <the router's top-k indices>): the check the
-    # android report's "routed-expert reads" sentence is derived from
+    for node in lowered.graph.nodes:
+        if node.op == "placeholder" and node.name in packed_names:
+            assert node.users and all(u.target == torch.ops.aten.index_select.default for u in node.users), node.name
+            # the gather index comes from the router's topk
+            for u in node.users:
+                src = u.args[2]
+                while src.target != torch.ops.aten.topk.default:
+                    src = src.args[0]
+    # the android report's "routed-expert reads" sentence is derived from expert_reads: it must agree
     reads = expert_reads(lowered.graph, set(packed_names))
     assert set(reads) == set(packed_names) and not any(reads.values()), reads

@@ -90,6 +90,7 @@ def run(args) -> dict:
     from mote.export.generate import EagerRunner
     from mote.export.loader import load_model
     from mote.export.programs import export_programs
+    from mote.export.tokenizer import copy_side_files
     from mote.export.verify import compare, passed
     from mote.passes.pipeline import run_pipeline
     from mote.targets import get_target
@@ -146,9 +147,9 @@ def run(args) -> dict:
                 raise VerificationError(f"numerics check failed: {why}; no artifact was written to {out_dir}")
         report["timings_s"] = progress.timings
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        # The model's config and tokenizer travel with the artifacts: runners need the image size, token ids and
-        # the vocabulary (the model's own tokenizer.json, else the byte-level one our vocabulary implies).
-        write_tokenizer(args.model_dir, model.config, staging)
+        # The model's side files travel with the artifacts verbatim (config, tokenizer, generation config, chat
+        # template, preprocessor config; the byte-level tokenizer.json for our byte vocabulary): runners need them.
+        copy_side_files(args.model_dir, model.config, staging)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,14 +181,6 @@ def model_facts(cfg, prompt) -> dict:
     return facts
 
 
-def write_tokenizer(model_dir: Path, cfg, out_dir: Path) -> None:
-    """The model's config, tokenizer, generation config, chat template and image preprocessing travel with the
-    artifacts, verbatim (export.tokenizer.SIDE_FILES; the byte-level tokenizer.json for our byte vocabulary)."""
-    from mote.export.tokenizer import copy_side_files
-
-    copy_side_files(model_dir, cfg, out_dir)
-
-
 def _replace_dir(staging: Path, out_dir: Path) -> None:
     """Move the finished staging folder into place; an existing output is swapped out, then removed."""
     old = None
@@ -212,7 +205,7 @@ def summary(report: dict) -> str:
     unknown = report.get("model", {}).get("unknown_special_ids")
     if unknown:
         lines.append(f"  special ids: {' and '.join(unknown)} unknown (no config, generation config or tokenizer names "
-                     f"them); left out of the runner constants")
+                     f"them); none is assumed")
     lines.append(f"  verify: {report['verify']}")
     return "\n".join(lines)
 
