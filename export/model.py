@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mote.passes.ops  # noqa: F401  (registers mote::unpack_trits, which packed experts run)
+
 from . import semantics
 from .config import HFVisionConfig, MoteConfig, VisionConfig
 from .rope import rope_frequencies
@@ -45,11 +47,14 @@ class RMSNorm(nn.Module):
 
 
 class TernaryLinear(nn.Module):
-    """A routed-expert projection: bitlinear with a ternary weight.
+    """A routed-expert projection: bitlinear with a ternary weight, in one of three forms.
 
-    Holds either a latent float `weight` (QAT weights, ternarised by absmean in forward) or a pre-quantized int8
-    `weight` of trits plus `weight_scale` ([] per tensor or [out, 1] per output channel). In training mode the
-    latent form uses straight-through estimators so it can be trained (quantization-aware training).
+    - latent: a float `weight` (QAT weights, ternarised by absmean in forward; straight-through estimators in
+      training mode, so it can be trained);
+    - pre-quantized: an int8 `weight` of trits plus `weight_scale` ([] per tensor or [out, 1] per output channel);
+    - packed (what the loader builds, see `set_packed`): `packed_trits` (uint8 [out, ceil(in/4)], the canonical
+      2-bit codes of `export.trits`) plus `trit_scale` ([1] or [out]). Forward decodes them with
+      `mote::unpack_trits`, the op the pass pipeline starts from, so no float copy of the expert is ever held.
     """
 
     def __init__(self, in_features: int, out_features: int, per_channel: bool):
@@ -57,18 +62,30 @@ class TernaryLinear(nn.Module):
         self.in_features, self.out_features, self.per_channel = in_features, out_features, per_channel
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_scale = None
+        self.packed = False
 
     @property
     def prequantized(self) -> bool:
-        return self.weight_scale is not None
+        return self.weight_scale is not None or self.packed
 
     def set_prequantized(self, trits: torch.Tensor, scale: torch.Tensor) -> None:
         del self.weight, self.weight_scale
         self.register_buffer("weight", trits.to(torch.int8))
         self.register_buffer("weight_scale", scale.to(torch.float32))
 
+    def set_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        """Switch to the packed form: `packed` uint8 [out, ceil(in/4)], `scale` [1] (per tensor) or [out]."""
+        del self.weight, self.weight_scale
+        self.weight, self.weight_scale, self.packed = None, None, True
+        self.register_buffer("packed_trits", packed)
+        self.register_buffer("trit_scale", scale.to(torch.float32).reshape(-1))
+
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prequantized:
+        """(trits as float [out, in], scale [] or [out, 1])."""
+        if self.packed:
+            trits = torch.ops.mote.unpack_trits(self.packed_trits, self.in_features)
+            return trits, (self.trit_scale.view(-1, 1) if self.per_channel else self.trit_scale.view(()))
+        if self.weight_scale is not None:
             return self.weight.to(torch.float32), self.weight_scale
         return semantics.ternarize(self.weight, self.per_channel)
 
@@ -133,9 +150,18 @@ class MoteBlock(nn.Module):
             self.last_router_logits = logits
         combine = semantics.route(logits, self.top_k, self.norm_topk_prob)
         y = shared
+        # Eager evaluation skips experts no token selected: they would add exact zeros (see semantics.moe_combine),
+        # and decoding every expert of every layer per step dominates the reference's run time at real sizes.
+        # Traced programs keep every expert, branch-free, for the passes to fuse.
+        selected = None if _tracing() else semantics.selected_experts(combine)
         for e, expert in enumerate(self.experts):
-            y = y + combine[..., e : e + 1] * expert(x)
+            if selected is None or selected[e]:
+                y = y + combine[..., e : e + 1] * expert(x)
         return y
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def rotate_half(x):

@@ -76,10 +76,17 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tenso
 def moe_combine(x, shared_out, combine, experts):
     """y = shared(x) + sum_e combine[:, e] * expert_e(x), summed in expert order.
 
-    `experts` is a list of (t_gate, s_gate, t_up, s_up, t_down, s_down). Unselected experts carry weight 0, which
-    adds exact zeros, so the sum equals the sum over the selected experts only (in expert-index order).
+    `experts` is a list of (t_gate, s_gate, t_up, s_up, t_down, s_down), or None for an expert no row selected.
+    Unselected experts carry weight 0, which adds exact zeros, so the sum equals the sum over the selected experts
+    only (in expert-index order), and an expert no row selected can be left out.
     """
     y = shared_out
     for e, weights in enumerate(experts):
-        y = y + combine[..., e : e + 1] * ternary_expert(x, *weights)
+        if weights is not None:
+            y = y + combine[..., e : e + 1] * ternary_expert(x, *weights)
     return y
+
+
+def selected_experts(combine: torch.Tensor) -> list[bool]:
+    """Per expert: does any row give it a nonzero weight (the experts `moe_combine` needs)."""
+    return (combine != 0).flatten(0, -2).any(0).tolist()

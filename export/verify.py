@@ -37,40 +37,69 @@ def _stats(ref: torch.Tensor, test: torch.Tensor) -> dict:
     return {"sqnr_db": round(sqnr_db(ref, test), 2), "max_abs_err": float((ref - test).abs().max())}
 
 
-@torch.no_grad()
-def compare(reference, target, prompt: Prompt, pixel_values: torch.Tensor | None, n_tokens: int = 32) -> dict:
-    """Per-program numerics of `target` vs `reference` (both runners, see export.generate) on one prompt."""
-    report = {}
-    tokens, image = list(prompt.ids), prompt.special.image
-    if pixel_values is not None:
-        report["vision_encoder"] = _stats(reference.vision_encoder(pixel_values), target.vision_encoder(pixel_values))
-    text = torch.tensor([[t for t in tokens if t != image]], dtype=torch.long)
-    report["token_embedding"] = _stats(reference.token_embedding(text), target.token_embedding(text))
+@dataclasses.dataclass
+class ReferenceRecord:
+    """What the reference computed on the verification inputs, and the exact inputs each target program is given.
 
+    Recorded once, before lowering, so that the reference model (and everything that holds its weights) can be
+    released before the target's runtime loads the artifact: at real sizes the two do not fit in memory together.
+    """
+
+    pixel_values: torch.Tensor | None
+    image_embeds: torch.Tensor | None
+    text_tokens: torch.Tensor                    # the prompt's text ids [1, T] (image placeholders removed)
+    token_embeds: torch.Tensor
+    decoder_inputs: list[tuple[torch.Tensor, torch.Tensor]]   # (embeds, input_pos): the prefill, then one per step
+    logits: torch.Tensor                         # [steps, vocab], the last position of each decoder call
+    tokens: list[int]                            # the reference's greedy tokens
+
+
+@torch.no_grad()
+def record_reference(reference, prompt: Prompt, pixel_values: torch.Tensor | None, n_tokens: int = 32) -> ReferenceRecord:
+    """Run the reference runner once: greedy decoding of `n_tokens` on the prompt, keeping every decoder input."""
+    tokens, image = list(prompt.ids), prompt.special.image
+    image_embeds = reference.vision_encoder(pixel_values) if pixel_values is not None else None
+    text = torch.tensor([[t for t in tokens if t != image]], dtype=torch.long)
+    token_embeds = reference.token_embedding(text)
     ref_tokens, ref_logits = greedy_generate(reference, tokens, pixel_values, n_tokens, prompt.special,
                                              stop_at_eos=False)
-    # Teacher-forced run of the target on the reference's inputs (reference embeddings, reference tokens).
-    target.reset()
+    # Teacher forcing: the target sees the reference's embeddings of the prompt and of each reference token.
     embeds = prompt_embeds(reference, tokens, pixel_values, image)
-    got = [target.text_decoder(embeds, torch.tensor([0], dtype=torch.long))[:, -1]]
+    inputs = [(embeds, torch.tensor([0], dtype=torch.long))]
     pos = embeds.shape[1]
     for tok in ref_tokens[:-1]:
-        emb = reference.token_embedding(torch.tensor([[tok]], dtype=torch.long))
-        got.append(target.text_decoder(emb, torch.tensor([pos], dtype=torch.long))[:, -1])
+        inputs.append((reference.token_embedding(torch.tensor([[tok]], dtype=torch.long)),
+                       torch.tensor([pos], dtype=torch.long)))
         pos += 1
-    ref_all = torch.cat(ref_logits, 0)
-    got_all = torch.cat([torch.as_tensor(g).reshape(1, -1).float() for g in got], 0)
-    stats = _stats(ref_all, got_all)
+    return ReferenceRecord(pixel_values, image_embeds, text, token_embeds, inputs, torch.cat(ref_logits, 0), ref_tokens)
+
+
+@torch.no_grad()
+def replay(record: ReferenceRecord, target) -> dict:
+    """Per-program numerics of the `target` runner against a recorded reference."""
+    report = {}
+    if record.pixel_values is not None:
+        report["vision_encoder"] = _stats(record.image_embeds, target.vision_encoder(record.pixel_values))
+    report["token_embedding"] = _stats(record.token_embeds, target.token_embedding(record.text_tokens))
+    target.reset()
+    got = [torch.as_tensor(target.text_decoder(e, p)[:, -1]).reshape(1, -1).float() for e, p in record.decoder_inputs]
+    got_all = torch.cat(got, 0)
+    stats = _stats(record.logits, got_all)
     target_tokens = got_all.argmax(-1).tolist()
     matched = 0
-    for a, b in zip(ref_tokens, target_tokens):
+    for a, b in zip(record.tokens, target_tokens):
         if a != b:
             break
         matched += 1
-    stats["greedy_match"] = f"{matched}/{len(ref_tokens)}"
-    stats["reference_tokens"] = ref_tokens
+    stats["greedy_match"] = f"{matched}/{len(record.tokens)}"
+    stats["reference_tokens"] = record.tokens
     report["text_decoder"] = stats
     return report
+
+
+def compare(reference, target, prompt: Prompt, pixel_values: torch.Tensor | None, n_tokens: int = 32) -> dict:
+    """Per-program numerics of `target` vs `reference` (both runners, see export.generate) on one prompt."""
+    return replay(record_reference(reference, prompt, pixel_values, n_tokens), target)
 
 
 def passed(report: dict, tol: Tolerance) -> tuple[bool, str]:

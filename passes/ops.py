@@ -10,9 +10,8 @@
                   down_packed u8[E, d, ceil(I/4)], down_scale f32[E, 1|d],
                   top_k, norm_topk_prob) -> f32[..., d]
 
-Canonical packing: 2-bit codes `code = trit + 2` (1, 2, 3 = -1, 0, +1; code 0 is never produced), four per byte,
-lowest bits first along the input dimension; the input dimension is zero-padded (code 2) to a multiple of 4.
-This is ONNX Runtime's MatMulNBits/QMoE 2-bit layout with its default zero point 2.
+Packed trits are the canonical storage of `export.trits` (2-bit codes `trit + 2`, four per byte, lowest bits first
+along the input dimension).
 
 The reference kernels call `export.semantics`, the same functions the eager model uses, so a fused op equals the
 graph it replaced bit for bit.
@@ -22,31 +21,7 @@ from __future__ import annotations
 import torch
 
 from mote.export import semantics
-
-ZERO_CODE = 2
-
-
-def pack_trits(trits: torch.Tensor) -> torch.Tensor:
-    """Trits [..., K] (any dtype, values in {-1,0,1}) -> uint8 [..., ceil(K/4)]."""
-    codes = (trits.to(torch.int16) + ZERO_CODE).to(torch.uint8)
-    k = codes.shape[-1]
-    pad = (-k) % 4
-    if pad:
-        codes = torch.cat([codes, torch.full((*codes.shape[:-1], pad), ZERO_CODE, dtype=torch.uint8)], dim=-1)
-    codes = codes.reshape(*codes.shape[:-1], -1, 4)
-    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
-
-
-def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """uint8 [..., ceil(K/4)] -> 2-bit codes uint8 [..., K]."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & 3
-    return codes.reshape(*packed.shape[:-1], -1)[..., :k]
-
-
-def unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """uint8 [..., ceil(K/4)] -> float32 trits [..., K]."""
-    return unpack_codes(packed, k).to(torch.float32) - ZERO_CODE
+from mote.export.trits import ZERO_CODE, pack_trits, unpack, unpack_codes  # noqa: F401  (the storage codec)
 
 
 def _check_packed(packed: torch.Tensor, in_features: int) -> None:
@@ -92,10 +67,10 @@ def moe_ffn(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor,
     if shared_expert_gate is not None:
         shared = torch.sigmoid(torch.nn.functional.linear(x, shared_expert_gate)) * shared
     combine = semantics.route(torch.nn.functional.linear(x, router), top_k, norm_topk_prob)
-    experts = [
+    experts = [   # only the experts some row selected are decoded (the others would add exact zeros)
         (unpack(gate_packed[e], d), _expert_scale(gate_scale[e]), unpack(up_packed[e], d), _expert_scale(up_scale[e]),
-         unpack(down_packed[e], inter), _expert_scale(down_scale[e]))
-        for e in range(gate_packed.shape[0])
+         unpack(down_packed[e], inter), _expert_scale(down_scale[e])) if used else None
+        for e, used in enumerate(semantics.selected_experts(combine))
     ]
     return semantics.moe_combine(x, shared, combine, experts)
 

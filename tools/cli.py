@@ -3,8 +3,12 @@
     mote-export --target {onnx,...} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify]
 
 Exit codes (DESIGN.md section 7): 0 success, 2 bad input or usage, 3 numerics verification failed, 1 anything else.
-Output is staged in a sibling temporary folder and renamed into place only when everything (including the
-numerics check) succeeded, so a failed run never leaves a half-written or unverified artifact behind.
+Output is staged in a hidden sibling folder and moved into place only when everything (including the numerics
+check) succeeded, so a failed or interrupted run (Ctrl-C: exit 130) never leaves a half-written or unverified
+artifact behind; `-o` never replaces a file or a folder holding files we did not write (tools/output_dir.py).
+
+Memory: the reference runs once, before lowering, and only its outputs are kept; after lowering the programs and
+the model are released, so the target's runtime runs the artifact alone (each step's peak RSS is in the report).
 """
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 import traceback
@@ -21,28 +23,35 @@ from pathlib import Path
 
 from mote.export.errors import MoteError, VerificationError
 from mote.targets import REGISTRY
+from mote.tools.memory import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak
+from mote.tools.output_dir import MARKER, REPORT, OutputDir
 
 DEFAULT_PROMPT = "Describe the image:"
 
 
 class Progress:
-    """Step lines on stdout with their durations (so steps that take seconds are visible).
+    """Step lines on stdout with their durations (so steps that take seconds are visible), and each step's wall
+    time and peak RSS for the report.
 
     stdout, not stderr: on failure stderr carries exactly one line, the error.
     """
 
     def __init__(self, quiet: bool):
-        self.quiet, self.timings = quiet, {}
+        self.quiet, self.timings, self.peak_rss = quiet, {}, {}
 
     @contextlib.contextmanager
     def step(self, name: str, label: str):
         if not self.quiet:
             print(f"mote-export: {label} ...", flush=True)
+        release_memory()
+        reset_peak()
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss[name] = peak_rss_bytes()
         if not self.quiet:
-            print(f"mote-export: {label} done in {self.timings[name]:.1f} s", flush=True)
+            print(f"mote-export: {label} done in {self.timings[name]:.1f} s "
+                  f"(peak RSS {self.peak_rss[name] / 2**30:.2f} GiB)", flush=True)
 
 
 def parse_args(argv):
@@ -55,6 +64,8 @@ def parse_args(argv):
     ap.add_argument("--prompt", default=None, help="verification prompt (default: MODEL_DIR/prompt.txt or a fixed one)")
     ap.add_argument("--image", type=Path, default=None, help="verification image, PNG (default: MODEL_DIR/sample.png)")
     ap.add_argument("--portable", action="store_true", help="onnx: standard ops only (DequantizeLinear INT2, opset 25)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into an -o folder that holds other files (they are kept; same-named files replaced)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -85,38 +96,47 @@ def verification_inputs(args, model):
 
 
 def run(args) -> dict:
-    import torch
-
     from mote.export.generate import EagerRunner
     from mote.export.loader import load_model
     from mote.export.programs import export_programs
     from mote.export.tokenizer import copy_side_files
-    from mote.export.verify import compare, passed
+    from mote.export.verify import passed, record_reference, replay
     from mote.passes.pipeline import run_pipeline
     from mote.targets import get_target
 
     progress = Progress(args.quiet)
-    out_dir = args.out or Path("out") / f"{args.model_dir.resolve().name}-{args.target}"
+    output = OutputDir(args.out or Path("out") / f"{args.model_dir.resolve().name}-{args.target}", args.overwrite)
+    output.check()
+    output.remove_stale_staging()
     with progress.step("load", f"loading {args.model_dir}"):
         model = load_model(args.model_dir)
+    config = model.config
     target = get_target(args.target)
-    max_seq_len = args.max_seq_len or min(128, model.config.max_position_embeddings)
+    max_seq_len = args.max_seq_len or min(128, config.max_position_embeddings)
     prompt, pixel_values = verification_inputs(args, model)
+    reference = None
+    if not args.no_verify:
+        # Once, now: the reference's outputs are kept (a few MB) and the model need not outlive the lowering.
+        with progress.step("reference", "running the PyTorch reference on the verification prompt"):
+            reference = record_reference(EagerRunner(model, max_seq_len), prompt, pixel_values)
     with progress.step("trace", f"tracing {('vision_encoder, ' if model.vision_tower is not None else '')}"
                                 "token_embedding, text_decoder with torch.export"):
         programs = export_programs(model, max_seq_len, target.kv_style)
     with progress.step("passes", "rewriting MoTE blocks into mote:: ternary ops"):
-        programs, pass_log = run_pipeline(programs, model.config.moe.moe_layers)
+        # Without an end-to-end check, the pipeline checks its own numerics on the programs' sample inputs.
+        programs, pass_log = run_pipeline(programs, config.moe.moe_layers, verify=args.no_verify)
 
-    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = output.create_staging()
     try:
         options = {"experts": "portable" if args.portable else "qmoe", "max_seq_len": max_seq_len,
                    "special_ids": prompt.special}
         with progress.step("lower", f"lowering to {args.target}"):
             lowered = target.lower(programs, model, staging, options)
+        # The artifact is on disk: the programs and the model (which share the weights) are not needed any more.
+        del programs, model
+        release_memory()
         report = {
+            "tool": "mote-export",
             "target": args.target,
             "model_dir": str(args.model_dir),
             "max_seq_len": max_seq_len,
@@ -128,32 +148,33 @@ def run(args) -> dict:
             "notes": lowered.notes,
             "facts": lowered.facts,
             "passes": pass_log,
-            "model": model_facts(model.config, prompt),
+            "model": model_facts(config, prompt),
         }
         if args.no_verify:
             report["verify"] = "skipped"
             report["numerics"] = {}
         else:
             with progress.step("verify", f"checking numerics in the {args.target} runtime against PyTorch"):
-                torch.manual_seed(0)
-                numerics = compare(EagerRunner(model, max_seq_len), target.runner(staging, model, max_seq_len, options),
-                                   prompt, pixel_values)
+                numerics = replay(reference, target.runner(staging, None, max_seq_len, options))
+                release_memory()
             ok, why = passed(numerics, target.tolerance)
             report["numerics"] = numerics
             report["verify"] = "passed" if ok else "failed"
             if not ok:
-                report["timings_s"] = progress.timings
                 print(json.dumps(report["numerics"], indent=1))
-                raise VerificationError(f"numerics check failed: {why}; no artifact was written to {out_dir}")
+                raise VerificationError(f"numerics check failed: {why}; no artifact was written to {output.path}")
         report["timings_s"] = progress.timings
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["peak_rss_bytes"] = {**progress.peak_rss, "child_processes": children_peak_rss_bytes()}
         # The model's side files travel with the artifacts verbatim (config, tokenizer, generation config, chat
         # template, preprocessor config; the byte-level tokenizer.json for our byte vocabulary): runners need them.
-        copy_side_files(args.model_dir, model.config, staging)
-        _replace_dir(staging, out_dir)
+        copy_side_files(args.model_dir, config, staging)
+        report["files"] = sorted([str(p.relative_to(staging)) for p in staging.rglob("*")
+                                  if p.is_file() and p.name != MARKER] + [REPORT])
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        output.commit()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    report["out_dir"] = str(out_dir)
+        output.discard_staging()
+    report["out_dir"] = str(output.path)
     return report
 
 
@@ -179,17 +200,6 @@ def model_facts(cfg, prompt) -> dict:
         facts["vision"] = {"kind": cfg.vision.kind, "image_size": cfg.vision.image_size,
                            "image_tokens": cfg.vision.num_image_tokens}
     return facts
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move the finished staging folder into place; an existing output is swapped out, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def summary(report: dict) -> str:
@@ -220,8 +230,9 @@ def main(argv=None) -> int:
     except MoteError as e:
         print(f"mote-export: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        return 1
+    except KeyboardInterrupt:        # staging already removed by run()'s cleanup
+        print("mote-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except Exception:                # a bug, not bad input: keep the traceback for the report
         traceback.print_exc()
         return 1

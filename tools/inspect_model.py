@@ -1,7 +1,8 @@
 """`mote-inspect MODEL_DIR`: op histogram and weight storage of the traced programs before and after the passes.
 
 Shows, per program, which ops the pass pipeline rewrote and what the weights cost: bytes by dtype and the bits per
-routed-expert weight (float latent weights: 32; packed trits + scales: about 2).
+routed-expert weight (packed trits + scales: about 2; the loader packs routed experts as it reads them, so a model
+directory's programs hold them packed before the passes too).
 """
 from __future__ import annotations
 

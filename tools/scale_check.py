@@ -112,8 +112,19 @@ def _write_streaming(path: Path, names: list[str], shapes: dict, make) -> int:
     return offset
 
 
+def loaded_weights(model) -> int:
+    """Weights the model holds, counting a packed routed-expert projection as its in x out trits."""
+    from mote.export.model import TernaryLinear
+
+    packed = {f"{n}.{leaf}" for n, m in model.named_modules() if isinstance(m, TernaryLinear) and m.packed
+              for leaf in ("packed_trits", "trit_scale")}
+    return (sum(t.numel() for k, t in model.state_dict().items() if k not in packed)
+            + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, TernaryLinear) and m.packed))
+
+
 _CHILD = """
 import json, resource, sys, time
+from mote.tools.scale_check import loaded_weights
 t0 = time.perf_counter()
 from mote.export.loader import load_model
 t_import = time.perf_counter() - t0
@@ -122,7 +133,7 @@ model = load_model(sys.argv[1])
 t_load = time.perf_counter() - t0
 out = {"load_s": round(t_load, 2), "import_s": round(t_import, 2),
        "peak_rss_after_load_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-       "parameters_loaded": sum(p.numel() for p in model.state_dict().values())}
+       "parameters_loaded": loaded_weights(model)}
 if sys.argv[2] == "forward":
     import torch
     with torch.no_grad():
