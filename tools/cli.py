@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mote.export.errors import MoteError, VerificationError
 from mote.targets import REGISTRY
-from mote.tools.memory import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak
+from mote.export.memory import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak
 from mote.tools.output_dir import MARKER, REPORT, OutputDir
 
 DEFAULT_PROMPT = "Describe the image:"

@@ -53,11 +53,15 @@ def run_export(model_dir: Path, target: str, out: Path, max_seq_len: int) -> dic
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "mote.tools.cli", "--target", target, str(model_dir), "-o", str(out),
            "--max-seq-len", str(max_seq_len)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    # The child's output goes to files beside the output, not pipes: wait4 (for the child's peak RSS) must not
+    # block on a full pipe.
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as out_f, open(log.with_suffix(".err"), "w") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    stdout, stderr = log.read_text(), log.with_suffix(".err").read_text()
     code = os.waitstatus_to_exitcode(status)
     row = {"target": target, "exit_code": code, "wall_s": round(wall, 1),
            "process_peak_rss_bytes": usage.ru_maxrss * 1024}

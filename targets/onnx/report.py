@@ -8,7 +8,10 @@
 Routed-expert nodes: com.microsoft.QMoE (the default export: every initializer it reads from input 2 on is expert
 storage), com.microsoft.MoE (the benchmark's fp32 baseline, likewise), and for `--portable` the DequantizeLinear
 nodes whose input is an INT2 initializer (its weight, scale and zero point). Files are read without their external
-data: sizes come from the tensor headers.
+data: sizes come from the tensor headers, and external data is checked to be one file per model, beside it, long
+enough for every tensor that points into it.
+
+    facts["ort"] = ort_facts(onnx_paths, limit, facts["files"])   per model: the .ort written (bytes) or why not
 """
 from __future__ import annotations
 
@@ -53,11 +56,39 @@ def _shape(vi) -> list:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
 
 
+def _external_data(path: Path, initializers) -> dict:
+    """Where the initializers' external data lives: {"files", "tensors", "bytes"}; raises if a location leaves the
+    model's directory, a file is missing, or a tensor reaches past its file's end."""
+    files: dict[str, int] = {}
+    n = total = 0
+    for t in initializers:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info["location"]
+        if Path(loc).name != loc:
+            raise RuntimeError(f"onnx: {path.name}: initializer {t.name} has external data outside the model's "
+                               f"directory ({loc!r})")
+        data = path.parent / loc
+        if not data.is_file():
+            raise RuntimeError(f"onnx: {path.name}: external data file {loc} of initializer {t.name} is missing")
+        end = int(info.get("offset", 0)) + _bytes(t)
+        if end > data.stat().st_size:
+            raise RuntimeError(f"onnx: {path.name}: initializer {t.name} ends at byte {end} of {loc}, past its end")
+        files[loc] = data.stat().st_size
+        n, total = n + 1, total + _bytes(t)
+    return {"files": sorted(files), "file_bytes": files, "tensors": n, "bytes": total}
+
+
 def file_facts(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     facts = {
+        "onnx_bytes": path.stat().st_size,
+        "initializers": len(inits),
+        "initializer_bytes": sum(_bytes(t) for t in inits.values()),
+        "external_data": _external_data(path, inits.values()),
         "opsets": {imp.domain or "ai.onnx": imp.version for imp in m.opset_import},
         "ops_by_domain": dict(sorted(Counter(n.domain or "ai.onnx" for n in g.node).items())),
         "qmoe": [], "moe": [], "matmul_nbits": [], "int2_dequantize": [],
@@ -98,6 +129,29 @@ def read_back(paths: list[Path]) -> dict:
             "block_sizes": sorted({e["block_size"] for e in routed if e.get("block_size")}),
         },
     }
+
+
+def ort_facts(onnx_paths: list[Path], limit: int, files: dict) -> dict:
+    """Per model, whether its .ort was written (and its size, read from the file) or why not (`files`: the
+    per-file facts of read_back)."""
+    import onnxruntime
+
+    out = {"size_limit_bytes": limit, "files": {}}
+    for p in onnx_paths:
+        ort_path = p.with_suffix(".ort")
+        if ort_path.is_file():
+            out["files"][ort_path.name] = {"written": True, "bytes": ort_path.stat().st_size}
+            continue
+        f = files[p.name]
+        out["files"][ort_path.name] = {
+            "written": False, "initializer_bytes": f["initializer_bytes"],
+            "reason": (f"{p.name} holds {f['initializer_bytes']} bytes of initializers, above the {limit}-byte limit "
+                       f"for the ORT format: an .ort file is a single FlatBuffer (32-bit offsets, under 2 GiB) and "
+                       f"onnxruntime {onnxruntime.__version__}'s converter writes every initializer into it (the "
+                       f"format has no external data for inference models); use {p.name}"
+                       + (f" with {', '.join(f['external_data']['files'])}" if f["external_data"]["files"] else "")),
+        }
+    return out
 
 
 def _shapes(tensors) -> str:
@@ -157,11 +211,19 @@ def render(facts: dict, routed_weights: int) -> tuple[list[str], list[str]]:
             notes.append(f"{name}: {len(mm)} com.microsoft.MatMulNBits nodes (bits {_values(mm, 'bits')}, "
                          f"block_size {_values(mm, 'block_size')}, accuracy_level {_values(mm, 'accuracy_level')}) "
                          f"reading {_reads(mm)}")
+        ext = f["external_data"]
+        if ext["files"]:
+            notes.append(f"{name}: {ext['tensors']} of {f['initializers']} initializers ({ext['bytes']} of "
+                         f"{f['initializer_bytes']} bytes) in external data file(s) {', '.join(ext['files'])} "
+                         f"({sum(ext['file_bytes'].values())} bytes; keep them beside the .onnx)")
         kv = f["kv_cache"]
         if kv["inputs"] or kv["outputs"]:
             notes.append(f"KV cache of {name}: {len(kv['inputs'])} inputs ({_span(kv['inputs'])}), "
                          f"{len(kv['outputs'])} outputs ({_span(kv['outputs'])}), shapes "
                          f"{sorted({str(i['shape']) for i in kv['inputs'] + kv['outputs']})}")
+    for name, o in facts.get("ort", {}).get("files", {}).items():
+        if not o["written"]:
+            notes.append(f"{name} not written: {o['reason']}")
     quantizers = {name: f["activation_quantizers"] for name, f in facts["files"].items() if f["activation_quantizers"]}
     notes.append(f"activation-quantizing ops ({', '.join(sorted(ACTIVATION_QUANTIZERS))}) in the files: "
                  f"{quantizers or 'none'}")

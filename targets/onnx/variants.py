@@ -27,7 +27,7 @@ PORTABLE_OPSET = 25
 
 def _codes(packed: np.ndarray, k: int) -> np.ndarray:
     """uint8 [..., K/4] -> codes uint8 [..., K]: the canonical unpacking of passes.ops, on numpy arrays."""
-    return unpack_codes(torch.from_numpy(np.ascontiguousarray(packed)), k).numpy()
+    return unpack_codes(torch.from_numpy(np.array(packed, copy=True)), k).numpy()   # a writable copy
 
 
 def _qmoe_parts(model: onnx.ModelProto, node: onnx.NodeProto):
