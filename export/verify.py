@@ -52,6 +52,7 @@ class ReferenceRecord:
     decoder_inputs: list[tuple[torch.Tensor, torch.Tensor]]   # (embeds, input_pos): the prefill, then one per step
     logits: torch.Tensor                         # [steps, vocab], the last position of each decoder call
     tokens: list[int]                            # the reference's greedy tokens
+    noise_floor_db: float | None = None          # see reference_noise_floor
 
 
 @torch.no_grad()
@@ -71,7 +72,33 @@ def record_reference(reference, prompt: Prompt, pixel_values: torch.Tensor | Non
         inputs.append((reference.token_embedding(torch.tensor([[tok]], dtype=torch.long)),
                        torch.tensor([pos], dtype=torch.long)))
         pos += 1
-    return ReferenceRecord(pixel_values, image_embeds, text, token_embeds, inputs, torch.cat(ref_logits, 0), ref_tokens)
+    record = ReferenceRecord(pixel_values, image_embeds, text, token_embeds, inputs, torch.cat(ref_logits, 0),
+                             ref_tokens)
+    record.noise_floor_db = reference_noise_floor(reference, record)
+    return record
+
+
+@torch.no_grad()
+def reference_noise_floor(reference, record: ReferenceRecord) -> float:
+    """How reproducible the reference's own logits are in fp32: SQNR of its teacher-forced decoder calls with every
+    input element perturbed by a relative sqrt(d) * 2^-24 (about the spread between two fp32 dot products of length d
+    summed in different orders, which is all that separates an exact-semantics target from the reference) against
+    the unperturbed logits.
+
+    The int8 activation rounding of ternary layers makes the model chaotic in depth: a rounding difference that
+    moves a value across a quantization boundary changes it by a whole step, and that grows layer by layer. Measured
+    on the Qwen2.5-0.5B width: a 2^-20 relative input perturbation alone costs the reference 117 dB -> 59 dB -> 55 dB
+    at 1, 4 and 8 layers. No fp32 implementation can agree with the reference better than the reference agrees
+    with itself, so `passed` caps the SQNR bar of text_decoder at this floor (greedy tokens must still match)."""
+    gen = torch.Generator().manual_seed(0)
+    reference.reset()
+    got = []
+    for embeds, pos in record.decoder_inputs:
+        relative = math.sqrt(embeds.shape[-1]) * 2.0 ** -24
+        noisy = embeds * (1.0 + relative * torch.randn(embeds.shape, generator=gen))
+        got.append(reference.text_decoder(noisy, pos)[:, -1].reshape(1, -1).float())
+    reference.reset()
+    return round(sqnr_db(record.logits, torch.cat(got, 0)), 2)
 
 
 @torch.no_grad()
@@ -92,6 +119,8 @@ def replay(record: ReferenceRecord, target) -> dict:
             break
         matched += 1
     stats["greedy_match"] = f"{matched}/{len(record.tokens)}"
+    if record.noise_floor_db is not None:
+        stats["reference_noise_floor_db"] = record.noise_floor_db
     stats["reference_tokens"] = record.tokens
     report["text_decoder"] = stats
     return report
@@ -102,10 +131,17 @@ def compare(reference, target, prompt: Prompt, pixel_values: torch.Tensor | None
     return replay(record_reference(reference, prompt, pixel_values, n_tokens), target)
 
 
+def sqnr_bar(stats: dict, tol: Tolerance) -> float:
+    """The target's bar (DESIGN.md section 6), capped at the reference's own noise floor where one was measured."""
+    return min(tol.min_sqnr_db, stats.get("reference_noise_floor_db", tol.min_sqnr_db))
+
+
 def passed(report: dict, tol: Tolerance) -> tuple[bool, str]:
     for program, stats in report.items():
-        if stats["sqnr_db"] < tol.min_sqnr_db:
-            return False, f"{program}: SQNR {stats['sqnr_db']:.1f} dB < {tol.min_sqnr_db} dB"
+        bar = sqnr_bar(stats, tol)
+        if stats["sqnr_db"] < bar:
+            floor = (f" (capped at the reference's own noise floor)" if bar < tol.min_sqnr_db else "")
+            return False, f"{program}: SQNR {stats['sqnr_db']:.1f} dB < {bar} dB{floor}"
         if "greedy_match" in stats and tol.need_identical_greedy:
             m, n = stats["greedy_match"].split("/")
             if m != n:

@@ -1,19 +1,24 @@
-"""ExecuTorch lowering of the `mote::` ops into portable ATen ops that read only the selected experts' 2-bit weights.
+"""ExecuTorch lowering of the `mote::` ops into portable ATen ops that read only the chosen experts' 2-bit weights.
 
     mote.moe_ffn(x, shared..., router, gate/up/down packed [E, rows, K/4] u8 + scales, k, renorm)
       shared  = W_down (silu(W_gate x) * W_up x)  [* sigmoid(w_g x)]            -> XNNPACK (fp32 linears)
       p, i    = topk(softmax(W_r x), k)    [p /= sum p]
-      for each token t and slot j:  e = i[t, j]
-        G, U, D = unpack(index_select(gate_packed, 0, e)), ...                  only the chosen experts' bytes
-        y_t    += p[t, j] * bitlinear(silu(bitlinear(x_t, G)) * bitlinear(x_t, U), D)
+      ids     = the experts some token chose (nonzero: U <= E of them, U = k at decode)
+      G, U, D = unpack(index_select(gate_packed, 0, ids)), ...      each chosen expert's bytes decoded once
+      Y[u, t] = bitlinear(silu(bitlinear(x_t, G_u)) * bitlinear(x_t, U_u), D_u)     every token through every chosen
+      y_t     = sum_u P[u, t] Y[u, t],   P[u, t] = sum_j p[t, j] [i[t, j] = ids[u]]     expert, kept where chosen
     mote.ternary_linear(x, packed, scale, K) -> bitlinear(x, unpack(packed), scale)
 
-The 2-bit codes stay packed in the program (4 per byte, `code = trit + 2`) and are decoded per call with shifts and
-masks; activations are quantized exactly as the reference (per-token symmetric int8), and the integer dot products
+The 2-bit codes stay packed in the program (4 per byte, `code = trit + 2`) and are decoded per call by a 256-entry
+table; activations are quantized exactly as the reference (per-token symmetric int8), and the integer dot products
 are exact in fp32, so the numerics are the reference's up to the order of the top-k sum.
 
-Prefill gathers one copy of the chosen experts' decoded weights per token (memory grows with T * k * expert size);
-a production kernel would group tokens by expert. At decode (T = 1) exactly k experts are read.
+Memory and work are bounded by the expert count, not the prompt: a prefill of T tokens decodes each chosen expert
+once (at most E of them) and runs the T tokens through it as one matrix product, instead of gathering a decoded copy
+of its expert per token (T x k x expert size: 4.5 GB per projection for T = 256 at the Qwen2.5-0.5B shape, which
+ExecuTorch's memory plan reserves for the upper bound of T). At decode, U = k: only the chosen experts are read.
+The price is prefill compute: each token also runs through the other chosen experts (weight 0), at most E / k times
+the routed work; a fused kernel that groups tokens by expert removes it.
 """
 from __future__ import annotations
 
@@ -43,17 +48,16 @@ def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
     return trits[..., :k] if k != packed.shape[-1] * 4 else trits
 
 
-def _bitlinear_batched(v, trits, scale):
-    """v [N, K], trits [N, out, K], scale [N, 1 or out] -> [N, out]: Q8(v) . T^T * s_v * s_w per row."""
-    q, s_v = semantics.quantize_activations(v)
-    acc = torch.bmm(trits, q.unsqueeze(-1)).squeeze(-1)
-    return acc * s_v * scale
+def _chosen_experts(top_i: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """top_i [N, k] -> ids [U] of the experts at least one token chose, ascending (U <= E, data-dependent)."""
+    chosen = (top_i.unsqueeze(-1) == torch.arange(num_experts, device=top_i.device)).flatten(0, 1).any(dim=0)
+    return torch.nonzero(chosen).view(-1)   # (squeeze would disagree with ExecuTorch on the [U, 1] dim order)
 
 
-def _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, top_k: int,
-                  norm_topk_prob: bool, expert):
-    """shared(x) + sum_j p_j * expert(x_flat, e_j): the routing both variants share; `expert` reads expert e's
-    weights with index_select, so only the top-k experts are touched."""
+def _grouped_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, num_experts: int, top_k: int,
+                 norm_topk_prob: bool, experts):
+    """shared(x) + sum_u P[u] * Y[u]: the routing both variants share. `experts(flat, ids)` -> Y [U, N, d], every
+    token through each chosen expert, reading only those experts' weights."""
     shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
     if shared_expert_gate is not None:
         shared = torch.sigmoid(F.linear(x, shared_expert_gate)) * shared
@@ -62,25 +66,37 @@ def _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, ro
     top_p, top_i = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-    routed = torch.zeros_like(flat)
-    for j in range(top_k):
-        routed = routed + top_p[:, j : j + 1] * expert(flat, top_i[:, j])
+    ids = _chosen_experts(top_i, num_experts)
+    # P^T [U, N]: U (data-dependent) stays the leading dim of every tensor, so ExecuTorch can order strides.
+    weight = (top_p.unsqueeze(0) * (top_i.unsqueeze(0) == ids.view(-1, 1, 1)).to(top_p.dtype)).sum(dim=-1)
+    routed = (weight.unsqueeze(-1) * experts(flat, ids)).sum(dim=0)
     return shared + routed.reshape(x.shape)
+
+
+def _bitlinear_grouped(q, s_v, trits, scale):
+    """Q8 activations q [N, K] (scales s_v [N, 1]) through U ternary matrices trits [U, out, K] with scales
+    [U, 1 or out] -> [U, N, out]: (q . T_u^T) * s_v * s_u, the reference's bitlinear per expert."""
+    acc = torch.matmul(q.unsqueeze(0), trits.transpose(1, 2))
+    return acc * s_v * scale.unsqueeze(1)
 
 
 def moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed, gate_scale,
             up_packed, up_scale, down_packed, down_scale, top_k: int, norm_topk_prob: bool):
     d, inter = x.shape[-1], gate_packed.shape[1]
 
-    def ternary_expert(flat, e):
-        def proj(v, packed, scale, k):
-            return _bitlinear_batched(v, _unpack(torch.index_select(packed, 0, e), k), torch.index_select(scale, 0, e))
+    def ternary_experts(flat, ids):
+        def decoded(packed, scale, k):
+            return _unpack(torch.index_select(packed, 0, ids), k), torch.index_select(scale, 0, ids)
 
-        h = F.silu(proj(flat, gate_packed, gate_scale, d)) * proj(flat, up_packed, up_scale, d)
-        return proj(h, down_packed, down_scale, inter)
+        q, s_v = semantics.quantize_activations(flat)
+        h = F.silu(_bitlinear_grouped(q, s_v, *decoded(gate_packed, gate_scale, d))) \
+            * _bitlinear_grouped(q, s_v, *decoded(up_packed, up_scale, d))                      # [U, N, I]
+        q_h, s_h = semantics.quantize_activations(h)
+        trits, scale = decoded(down_packed, down_scale, inter)
+        return torch.matmul(q_h, trits.transpose(1, 2)) * s_h * scale.unsqueeze(1)           # [U, N, d]
 
-    return _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, top_k, norm_topk_prob,
-                         ternary_expert)
+    return _grouped_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed.shape[0],
+                        top_k, norm_topk_prob, ternary_experts)
 
 
 def ternary_linear(x, packed, scale, in_features: int):
@@ -110,14 +126,14 @@ def _(x, *args):
 
 def _moe_ffn_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
                    top_k: int, norm_topk_prob: bool):
-    def float_expert(flat, e):
+    def float_experts(flat, ids):
         def proj(v, w):
-            return torch.bmm(torch.index_select(w, 0, e), v.unsqueeze(-1)).squeeze(-1)
+            return torch.matmul(v, torch.index_select(w, 0, ids).transpose(1, 2))
 
-        return proj(F.silu(proj(flat, gate_w)) * proj(flat, up_w), down_w)
+        return proj(F.silu(proj(flat.unsqueeze(0), gate_w)) * proj(flat.unsqueeze(0), up_w), down_w)
 
-    return _gathered_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, top_k, norm_topk_prob,
-                         float_expert)
+    return _grouped_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w.shape[0], top_k,
+                        norm_topk_prob, float_experts)
 
 
 DECOMPOSITIONS[torch.ops.mote_et.moe_ffn_float.default] = _moe_ffn_float

@@ -39,12 +39,16 @@ def op_kind(target) -> str:
 
 
 def _from_topk_indices(node) -> bool:
-    """node is (a slice or view of) the indices output of a top-k."""
+    """node is (a slice or view of) the indices output of a top-k, or the ids of the experts it chose:
+    nonzero(any(eq(top-k indices, arange(E)), over tokens)), as decompose.py's grouped MoE gathers by."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        kind = op_kind(node.target)
         if node.target is operator.getitem:
             src = node.args[0]
             return op_kind(getattr(src, "target", None)) == "aten.topk" and node.args[1] == 1
-        if op_kind(node.target) not in _PASS_THROUGH:
+        if kind == "aten.eq":
+            return any(_from_topk_indices(a) for a in node.args if isinstance(a, torch.fx.Node))
+        if kind not in _PASS_THROUGH | {"aten.nonzero", "aten.any", "aten.unsqueeze", "aten.unsqueeze_copy"}:
             return False
         node = node.args[0]
     return False
@@ -197,7 +201,7 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
     other = r["read_other_than_by_topk_gather"]
     if r["constants"] and not other:
         notes.append(f"routed-expert reads: all {len(r['constants'])} routed-expert constants are read only by "
-                     "index_select on the router's top-k indices: per token, only the selected experts' bytes are "
+                     "index_select on the ids of the experts the router's top-k chose: only chosen experts' bytes are "
                      "gathered")
     elif other:
         first = next(iter(other.items()))
