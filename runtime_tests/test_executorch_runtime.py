@@ -38,6 +38,11 @@ def test_random_model_top2_per_channel_odd_widths(tmp_path):
     report = _export(d, out)
     _check_report(report)
     assert [a["path"] for a in report["artifacts"]] == ["model.pte"]
+    # constants live in the .pte's own segments (no .ptd): the parts read back add up to the file
+    st = report["facts"]["storage"]
+    assert st["external_data_files"] == [] and st["file_bytes"] == (out / "model.pte").stat().st_size
+    parts = st["flatbuffer_bytes"] + st["constant_segment_bytes"] + st["named_data_bytes"] + st["delegate_payload_bytes"]
+    assert 0 <= st["file_bytes"] - parts <= (st["segments"] + 1) * 16384   # only segment alignment padding
     # 2-bit codes + per-channel fp32 scales: 2 + 32 * (rows) / (rows * K) bits, K in {80, 72}
     assert 2.0 <= report["routed_expert_bits_per_weight"] <= 2.5
     cfg = model.config

@@ -183,6 +183,27 @@ def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
         "kv_cache": [{"name": fqn, "dtype": t["dtype"], "shape": t["shape"], "memory_planned": t["memory_planned"]}
                      for fqn, t in tensors.items() if fqn in mutated],
         "activations": _activation_quantization(et),
+        "storage": _storage(program, header, file_size, pte_path),
+    }
+
+
+def _storage(program, header, file_size: int, pte_path: Path) -> dict:
+    """Where the .pte keeps its data, from its header and flatbuffer: the constant segment (portable-op constants:
+    routed-expert codes, embeddings), the delegates' named data (XNNPACK's weights), the delegate payloads, and any
+    external .ptd data file next to it."""
+    sizes = [s.size for s in program.segments]
+    named = {d.segment_index for d in (program.named_data or [])}
+    delegate = {d.processed.index for plan in program.execution_plan for d in plan.delegates
+                if d.processed.location.name == "SEGMENT"}
+    constant = program.constant_segment.segment_index if program.segments else None
+    return {
+        "file_bytes": file_size,
+        "flatbuffer_bytes": header.program_size if header is not None else file_size,
+        "segments": len(sizes),
+        "constant_segment_bytes": sizes[constant] if constant is not None else 0,
+        "named_data_bytes": sum(sizes[i] for i in named),
+        "delegate_payload_bytes": sum(sizes[i] for i in delegate),
+        "external_data_files": sorted(p.name for p in pte_path.parent.glob("*.ptd")),
     }
 
 
@@ -198,6 +219,14 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
     notes = [f"routed experts: {len(r['constants'])} constants in the .pte's text_decoder ({_shapes(r['constants'])}): "
              f"{r['bytes']} bytes for {routed_weights} weights, {r['bytes'] * 8 / max(routed_weights, 1):.3f} "
              "bits/weight"]
+    st = facts.get("storage")
+    if st:
+        where = ("in the .pte's own segments, no external .ptd: the runtime maps them from the one file"
+                 if not st["external_data_files"] else f"partly in {', '.join(st['external_data_files'])}")
+        notes.append(f"storage: {st['file_bytes']} bytes, {st['flatbuffer_bytes']} of them the program; constants "
+                     f"{where} ({st['segments']} segments: constant segment {st['constant_segment_bytes']} bytes, "
+                     f"XNNPACK named data {st['named_data_bytes']} bytes, delegate payloads "
+                     f"{st['delegate_payload_bytes']} bytes)")
     other = r["read_other_than_by_topk_gather"]
     if r["constants"] and not other:
         notes.append(f"routed-expert reads: all {len(r['constants'])} routed-expert constants are read only by "
