@@ -146,9 +146,9 @@ def test_android_report_is_read_from_the_pte(make_model_dir, tmp_path):
     assert [k["name"] for k in facts["kv_cache"]] == ["k_cache_0", "v_cache_0"]
     assert all(k["shape"][2] == report["max_seq_len"] for k in facts["kv_cache"])
     assert facts["activations"]["quantize_ops"] == {}
-    assert facts["activations"]["text_decoder_round_ops"] == 3   # top-1: the gate, up and down inputs
+    assert facts["activations"]["text_decoder_round_ops"] == 2   # expert input (gate + up share it), down input
     notes = " | ".join(report["notes"])
-    assert "read only by index_select on the router's top-k indices" in notes
+    assert "read only by index_select on the ids of the experts the router's top-k chose" in notes
     assert f"{counted} bytes for {weights} weights" in notes
 
 
