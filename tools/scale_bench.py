@@ -83,6 +83,7 @@ def run_export(model_dir: Path, target: str, out: Path, max_seq_len: int) -> dic
         "verify": report["verify"],
         "greedy": report["numerics"].get("text_decoder", {}).get("greedy_match"),
         "sqnr_db": report["numerics"].get("text_decoder", {}).get("sqnr_db"),
+        "reference_noise_floor_db": report["numerics"].get("text_decoder", {}).get("reference_noise_floor_db"),
         "peak_rss_over_artifact": round(usage.ru_maxrss * 1024 / total, 2),
     })
     return row
@@ -102,7 +103,8 @@ def verdict(shape: str, row: dict) -> str:
 def table(results: list[dict]) -> str:
     gib = lambda b: f"{b / 2**30:.2f}" if b else "-"   # noqa: E731
     head = ("| shape | target | wall | " + " | ".join(STAGES) + " | peak RSS GiB (stage peaks: " + ", ".join(STAGES)
-            + ") | artifact GiB (experts + rest) | peak / artifact | verify | greedy | budget |")
+            + ") | artifact GiB (experts + rest) | peak / artifact | verify | decoder SQNR dB (reference floor) | greedy "
+            "| budget |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if r["exit_code"] != 0:
@@ -115,7 +117,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['shape']} | {r['target']} | {r['wall_s']:.0f} s | {stages} | "
                      f"{gib(r['process_peak_rss_bytes'])} ({peaks}) | {gib(r['artifact_bytes'])} "
                      f"({gib(r['routed_expert_bytes'])} + {gib(r['other_bytes'])}) | {r['peak_rss_over_artifact']:.2f}x | "
-                     f"{r['verify']} | {r['greedy']} | {r['verdict']} |")
+                     f"{r['verify']} | {r['sqnr_db']} ({r.get('reference_noise_floor_db', '-')}) | {r['greedy']} | "
+                     f"{r['verdict']} |")
     return "\n".join(lines)
 
 
