@@ -140,7 +140,7 @@ def passed(report: dict, tol: Tolerance) -> tuple[bool, str]:
     for program, stats in report.items():
         bar = sqnr_bar(stats, tol)
         if stats["sqnr_db"] < bar:
-            floor = (f" (capped at the reference's own noise floor)" if bar < tol.min_sqnr_db else "")
+            floor = (" (capped at the reference's own noise floor)" if bar < tol.min_sqnr_db else "")
             return False, f"{program}: SQNR {stats['sqnr_db']:.1f} dB < {bar} dB{floor}"
         if "greedy_match" in stats and tol.need_identical_greedy:
             m, n = stats["greedy_match"].split("/")

@@ -74,9 +74,9 @@ def _grouped_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, rou
 
 
 def _bitlinear_grouped(q, s_v, trits, scale):
-    """Q8 activations q [N, K] (scales s_v [N, 1]) through U ternary matrices trits [U, out, K] with scales
-    [U, 1 or out] -> [U, N, out]: (q . T_u^T) * s_v * s_u, the reference's bitlinear per expert."""
-    acc = torch.matmul(q.unsqueeze(0), trits.transpose(1, 2))
+    """Q8 activations q [N, K] or [U, N, K] (scales s_v [.., N, 1]) through U ternary matrices trits [U, out, K]
+    with scales [U, 1 or out] -> [U, N, out]: (q . T_u^T) * s_v * s_u, the reference's bitlinear per expert."""
+    acc = torch.matmul(q, trits.transpose(1, 2))
     return acc * s_v * scale.unsqueeze(1)
 
 
@@ -91,9 +91,7 @@ def moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, 
         q, s_v = semantics.quantize_activations(flat)
         h = F.silu(_bitlinear_grouped(q, s_v, *decoded(gate_packed, gate_scale, d))) \
             * _bitlinear_grouped(q, s_v, *decoded(up_packed, up_scale, d))                      # [U, N, I]
-        q_h, s_h = semantics.quantize_activations(h)
-        trits, scale = decoded(down_packed, down_scale, inter)
-        return torch.matmul(q_h, trits.transpose(1, 2)) * s_h * scale.unsqueeze(1)           # [U, N, d]
+        return _bitlinear_grouped(*semantics.quantize_activations(h), *decoded(down_packed, down_scale, inter))
 
     return _grouped_moe(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed.shape[0],
                         top_k, norm_topk_prob, ternary_experts)

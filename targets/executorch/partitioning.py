@@ -21,14 +21,10 @@ from contextlib import contextmanager
 import torch
 
 
-def _inputs(node: torch.fx.Node):
-    return node.all_input_nodes
-
-
 def is_topologically_ordered(graph: torch.fx.Graph) -> bool:
     seen = set()
     for node in graph.nodes:
-        if any(i not in seen for i in _inputs(node)):
+        if any(i not in seen for i in node.all_input_nodes):
             return False
         seen.add(node)
     return True
@@ -40,7 +36,7 @@ def stable_topological_relink(graph: torch.fx.Graph) -> None:
     copied, so every reference to them stays valid."""
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    pending = {n: len(set(_inputs(n))) for n in nodes}
+    pending = {n: len(set(n.all_input_nodes)) for n in nodes}
     ready = [position[n] for n in nodes if pending[n] == 0]
     heapq.heapify(ready)
     order = []

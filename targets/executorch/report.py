@@ -24,6 +24,8 @@ DECODER = "text_decoder"
 _PASS_THROUGH = {"aten.select", "aten.select_copy", "aten.alias", "aten.alias_copy", "aten.view", "aten.view_copy",
                  "aten.squeeze", "aten.squeeze_copy", "aten.clone", "dim_order_ops._to_dim_order_copy",
                  "aten._to_copy", "view"}
+# The ops from the top-k indices to the ids of the chosen experts (decompose._chosen_experts), views included
+_TO_CHOSEN_IDS = _PASS_THROUGH | {"aten.nonzero", "aten.any", "aten.unsqueeze", "aten.unsqueeze_copy"}
 _DTYPES = {"BYTE": "uint8", "CHAR": "int8", "SHORT": "int16", "INT": "int32", "LONG": "int64", "HALF": "float16",
            "FLOAT": "float32", "DOUBLE": "float64", "BOOL": "bool", "BFLOAT16": "bfloat16"}
 _ELEMENT_SIZE = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "float16": 2, "bfloat16": 2, "int32": 4,
@@ -48,7 +50,7 @@ def _from_topk_indices(node) -> bool:
             return op_kind(getattr(src, "target", None)) == "aten.topk" and node.args[1] == 1
         if kind == "aten.eq":
             return any(_from_topk_indices(a) for a in node.args if isinstance(a, torch.fx.Node))
-        if kind not in _PASS_THROUGH | {"aten.nonzero", "aten.any", "aten.unsqueeze", "aten.unsqueeze_copy"}:
+        if kind not in _TO_CHOSEN_IDS:
             return False
         node = node.args[0]
     return False
@@ -219,14 +221,13 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
     notes = [f"routed experts: {len(r['constants'])} constants in the .pte's text_decoder ({_shapes(r['constants'])}): "
              f"{r['bytes']} bytes for {routed_weights} weights, {r['bytes'] * 8 / max(routed_weights, 1):.3f} "
              "bits/weight"]
-    st = facts.get("storage")
-    if st:
-        where = ("in the .pte's own segments, no external .ptd: the runtime maps them from the one file"
-                 if not st["external_data_files"] else f"partly in {', '.join(st['external_data_files'])}")
-        notes.append(f"storage: {st['file_bytes']} bytes, {st['flatbuffer_bytes']} of them the program; constants "
-                     f"{where} ({st['segments']} segments: constant segment {st['constant_segment_bytes']} bytes, "
-                     f"XNNPACK named data {st['named_data_bytes']} bytes, delegate payloads "
-                     f"{st['delegate_payload_bytes']} bytes)")
+    st = facts["storage"]
+    where = ("in the .pte's own segments, no external .ptd: the runtime maps them from the one file"
+             if not st["external_data_files"] else f"partly in {', '.join(st['external_data_files'])}")
+    notes.append(f"storage: {st['file_bytes']} bytes, {st['flatbuffer_bytes']} of them the program; constants "
+                 f"{where} ({st['segments']} segments: constant segment {st['constant_segment_bytes']} bytes, "
+                 f"XNNPACK named data {st['named_data_bytes']} bytes, delegate payloads "
+                 f"{st['delegate_payload_bytes']} bytes)")
     other = r["read_other_than_by_topk_gather"]
     if r["constants"] and not other:
         notes.append(f"routed-expert reads: all {len(r['constants'])} routed-expert constants are read only by "

@@ -163,16 +163,18 @@ class OnnxTarget(Target):
         release_memory()
         # Every statement of the report is read back from the written files.
         facts = read_back(paths)
-        data_paths = [out_dir / loc for p in paths for loc in facts["files"][p.name]["external_data"]["files"]]
+
+        def data_files(models):
+            return [out_dir / loc for p in models for loc in facts["files"][p.name]["external_data"]["files"]]
+
         ort_paths = []
         if options.get("ort", True):
             limit = options.get("ort_size_limit", DEFAULT_ORT_SIZE_LIMIT)
             fits = [p for p in paths if facts["files"][p.name]["initializer_bytes"] <= limit]
-            ort_paths = convert_to_ort(fits, [out_dir / loc for p in fits
-                                              for loc in facts["files"][p.name]["external_data"]["files"]])
+            ort_paths = convert_to_ort(fits, data_files(fits))
             facts["ort"] = ort_facts(paths, limit, facts["files"])
         deviations, notes = render(facts, weights)
-        return Lowered(artifacts=paths + data_paths + ort_paths, routed_expert_weights=weights,
+        return Lowered(artifacts=paths + data_files(paths) + ort_paths, routed_expert_weights=weights,
                        routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=deviations, notes=notes,
                        facts=facts)
 
