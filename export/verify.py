@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import progress
 from .generate import greedy_generate, prompt_embeds
 from .tokenizer import Prompt
 
@@ -33,8 +34,10 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _stats(ref: torch.Tensor, test: torch.Tensor) -> dict:
+    """SQNR and max |error|; `exact` when the outputs are identical (the SQNR is then the cap, not a measurement)."""
     test = torch.as_tensor(test).to(torch.float32).reshape(ref.shape)
-    return {"sqnr_db": round(sqnr_db(ref, test), 2), "max_abs_err": float((ref - test).abs().max())}
+    max_abs_err = float((ref - test).abs().max())
+    return {"sqnr_db": round(sqnr_db(ref, test), 2), "max_abs_err": max_abs_err, "exact": max_abs_err == 0.0}
 
 
 @dataclasses.dataclass
@@ -109,7 +112,11 @@ def replay(record: ReferenceRecord, target) -> dict:
         report["vision_encoder"] = _stats(record.image_embeds, target.vision_encoder(record.pixel_values))
     report["token_embedding"] = _stats(record.token_embeds, target.token_embedding(record.text_tokens))
     target.reset()
-    got = [torch.as_tensor(target.text_decoder(e, p)[:, -1]).reshape(1, -1).float() for e, p in record.decoder_inputs]
+    got, steps = [], len(record.decoder_inputs)
+    for step, (embeds, pos) in enumerate(record.decoder_inputs):
+        progress.tick("text_decoder: prefill" if step == 0 else f"text_decoder: token {step}/{steps - 1}", step, steps)
+        got.append(torch.as_tensor(target.text_decoder(embeds, pos)[:, -1]).reshape(1, -1).float())
+    progress.tick("text_decoder", steps, steps)
     got_all = torch.cat(got, 0)
     stats = _stats(record.logits, got_all)
     target_tokens = got_all.argmax(-1).tolist()

@@ -80,7 +80,7 @@ def test_runner_constant_methods(tmp_path):
     save_model(model, d)
     out = tmp_path / "android"
     _export(d, out, "--max-seq-len", "48", "--no-verify")
-    runner = get_target("android").runner(out, None, 48, {})
+    runner = get_target("android").runner(out, 48)
     cfg = model.config
     expected = {"get_max_seq_len": 48, "get_max_context_len": 48, "use_kv_cache": True,
                 "enable_dynamic_shape": True, "get_bos_id": cfg.bos_token_id, "get_vocab_size": cfg.vocab_size,
@@ -117,7 +117,7 @@ def test_example_exports_verifies_and_captions(tmp_path):
     pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
     tokenizer = require_tokenizer(out, model.config)
     prompt = tokenizer.prompt((EXAMPLE / "prompt.txt").read_text().strip(), with_image=True)
-    tokens, _ = greedy_generate(get_target("android").runner(out, None, report["max_seq_len"], {}), prompt.ids,
+    tokens, _ = greedy_generate(get_target("android").runner(out, report["max_seq_len"]), prompt.ids,
                                 pixel_values, 64, prompt.special)
     caption = tokenizer.decode(tokens)
     assert sample["color"] in caption and sample["shape"] in caption

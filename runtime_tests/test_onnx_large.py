@@ -16,7 +16,7 @@ from mote.export.programs import export_programs
 from mote.export.tokenizer import verification_prompt
 from mote.export.verify import compare, passed
 from mote.passes.pipeline import run_pipeline
-from mote.targets import get_target
+from mote.targets import CommonOptions, get_target
 from mote.targets.onnx import DEFAULT_EXTERNAL_DATA_THRESHOLD, DEFAULT_ORT_SIZE_LIMIT, PROTOBUF_LIMIT
 from mote.tools.make_random_model import random_config, random_model
 
@@ -36,7 +36,7 @@ def _lower(model_dir, out, **options):
     target = get_target("onnx")
     programs, _ = run_pipeline(export_programs(model, MAX_SEQ_LEN, target.kv_style), model.config.moe.moe_layers)
     out.mkdir()
-    lowered = target.lower(programs, model, out, {"experts": "qmoe", "max_seq_len": MAX_SEQ_LEN, **options})
+    lowered = target.lower(programs, model, CommonOptions(None, out, MAX_SEQ_LEN), target.Options(**options))
     return model, lowered
 
 
@@ -97,7 +97,7 @@ def test_external_data_runs_in_onnxruntime_and_skips_the_ort(model_dir, tmp_path
 
     # ONNX Runtime loads the models from the output directory and matches the reference
     target = get_target("onnx")
-    runner = target.runner(out, None, MAX_SEQ_LEN, {})
+    runner = target.runner(out, MAX_SEQ_LEN)
     prompt = verification_prompt(model_dir, model.config, "abc", with_image=True)
     numerics = compare(EagerRunner(model, MAX_SEQ_LEN), runner, prompt, torch.rand(1, 3, 16, 16) * 2 - 1)
     ok, why = passed(numerics, target.tolerance)

@@ -11,7 +11,7 @@ from mote.export.images import load_pixel_values
 from mote.export.loader import load_model, save_model
 from mote.export.tokenizer import require_tokenizer, verification_prompt
 from mote.export.verify import compare, passed
-from mote.targets import get_target
+from mote.targets import CommonOptions, get_target
 from mote.tools import cli
 from mote.tools.make_random_model import random_config, random_model, write_qwen2_moe
 
@@ -71,7 +71,7 @@ def test_example_exports_verifies_and_captions(tmp_path):
     pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
     tokenizer = require_tokenizer(out, model.config)
     prompt = tokenizer.prompt((EXAMPLE / "prompt.txt").read_text().strip(), with_image=True)
-    runner = get_target("onnx").runner(out, None, report["max_seq_len"], {})
+    runner = get_target("onnx").runner(out, report["max_seq_len"])
     tokens, _ = greedy_generate(runner, prompt.ids, pixel_values, 64, prompt.special)
     caption = tokenizer.decode(tokens)
     assert sample["color"] in caption and sample["shape"] in caption
@@ -116,8 +116,8 @@ def test_ort_file_matches_onnx_file(tmp_path):
     save_model(random_model(random_config(), 12), d)
     report = _export(d, tmp_path / "onnx")
     target = get_target("onnx")
-    a = target.runner(tmp_path / "onnx", None, report["max_seq_len"], {})
-    b = target.runner(tmp_path / "onnx", None, report["max_seq_len"], {"suffix": ".ort"})
+    a = target.runner(tmp_path / "onnx", report["max_seq_len"])
+    b = target.runner(tmp_path / "onnx", report["max_seq_len"], suffix=".ort")
     x = torch.randn(1, 5, 64)
     pos = torch.tensor([0])
     assert np.allclose(a.text_decoder(x, pos).numpy(), b.text_decoder(x, pos).numpy(), atol=1e-6)
@@ -128,7 +128,7 @@ def test_kv_cache_prefill_then_decode_matches_reference_logits(tmp_path):
     model = random_model(random_config(top_k=2), 13)
     save_model(model, d)
     report = _export(d, tmp_path / "onnx")
-    runner = get_target("onnx").runner(tmp_path / "onnx", None, report["max_seq_len"], {})
+    runner = get_target("onnx").runner(tmp_path / "onnx", report["max_seq_len"])
     prompt = verification_prompt(d, model.config, "abc", with_image=True)
     numerics = compare(EagerRunner(model, report["max_seq_len"]), runner, prompt, torch.rand(1, 3, 16, 16) * 2 - 1)
     ok, why = passed(numerics, get_target("onnx").tolerance)
@@ -180,10 +180,10 @@ def test_fp32_expert_baseline_runs(tmp_path):
 
     model = random_model(random_config(), 17)
     programs, _ = run_pipeline(export_programs(model, 32, KVCacheStyle.IO), model.config.moe.moe_layers)
-    get_target("onnx").lower(programs, model, tmp_path, {"experts": "fp32", "max_seq_len": 32})
+    get_target("onnx").lower(programs, model, CommonOptions(None, tmp_path, 32, fp32_experts=True))
     m = onnx.load(str(tmp_path / "text_decoder.onnx"))
     assert {n.op_type for n in m.graph.node if n.domain == "com.microsoft"} == {"MoE"}
-    runner = get_target("onnx").runner(tmp_path, None, 32, {})
+    runner = get_target("onnx").runner(tmp_path, 32)
     x = torch.randn(1, 4, 64)
     ref, _, _ = model.decode(x, torch.tensor([0]), *model.new_cache(32))
     got = runner.text_decoder(x, torch.tensor([0]))

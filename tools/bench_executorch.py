@@ -97,12 +97,13 @@ def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
     """torch.export + the pass pipeline + the android target's lower() (all programs of the text-only model)."""
     from mote.export.programs import KVCacheStyle, export_programs
     from mote.passes.pipeline import run_pipeline
+    from mote.targets import CommonOptions
     from mote.targets.executorch import TARGET
 
     # lower() rewrites the programs in place (fp32 baseline), so each variant exports its own (deterministic) copy
     programs = export_programs(model, max_seq_len, KVCacheStyle.STATE)
     programs, _ = run_pipeline(programs, model.config.moe.moe_layers, verify=False)
-    return TARGET.lower(programs, model, out_dir, {"experts": variant, "max_seq_len": max_seq_len})
+    return TARGET.lower(programs, model, CommonOptions(None, out_dir, max_seq_len, fp32_experts=variant == "fp32"))
 
 
 def _delegation(lowered) -> dict | None:
@@ -118,7 +119,7 @@ class TimedDecoder:
 
         from mote.targets.executorch import TARGET
 
-        self.runner = TARGET.runner(out_dir, None, max_seq_len, {})
+        self.runner = TARGET.runner(out_dir, max_seq_len)
         self.gen = torch.Generator().manual_seed(seed)
         self.hidden = hidden
         self.pos = 0

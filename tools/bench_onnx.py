@@ -84,14 +84,16 @@ def lower_variant(model, variant: str, max_seq_len: int, out_dir: Path):
     their conversion (a subprocess, seconds per model) is skipped.
     """
     import mote.targets.onnx as onnx_target
+    from mote.targets import CommonOptions
     from mote.export.programs import KVCacheStyle, export_programs
     from mote.passes.pipeline import run_pipeline
 
     # lower() rewrites the programs in place, so each variant exports its own (deterministic) copy
     programs = export_programs(model, max_seq_len, KVCacheStyle.IO)
     programs, _ = run_pipeline({"text_decoder": programs["text_decoder"]}, model.config.moe.moe_layers, verify=False)
-    return onnx_target.TARGET.lower(programs, model, out_dir,
-                                    {"experts": variant, "max_seq_len": max_seq_len, "ort": False})
+    target = onnx_target.TARGET
+    return target.lower(programs, model, CommonOptions(None, out_dir, max_seq_len, fp32_experts=variant == "fp32"),
+                        target.Options(ort=False))
 
 
 class TimedDecoder:

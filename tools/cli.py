@@ -1,11 +1,16 @@
 """`mote-export`: trace a MoTE model, rewrite it into ternary `mote::` ops, lower it to a target, verify it.
 
-    mote-export --target {onnx,...} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify]
+    mote-export --target {android,onnx} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify] [-v | -q]
+                [target options: `mote-export --target T --help` lists them]
 
 Exit codes (DESIGN.md section 7): 0 success, 2 bad input or usage, 3 numerics verification failed, 1 anything else.
 Output is staged in a hidden sibling folder and moved into place only when everything (including the numerics
 check) succeeded, so a failed or interrupted run (Ctrl-C: exit 130) never leaves a half-written or unverified
 artifact behind; `-o` never replaces a file or a folder holding files we did not write (tools/output_dir.py).
+
+What it prints: our own step lines (stdout) and, on a terminal, a progress bar within long steps (stderr); the
+toolchains' own output is captured (tools/console.py) and shown with `-v`. A failure is one line on stderr (with
+`-v`, the traceback too).
 
 Memory: the reference runs once, before lowering, and only its outputs are kept; after lowering the programs and
 the model are released, so the target's runtime runs the artifact alone (each step's peak RSS is in the report).
@@ -16,64 +21,117 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import platform
 import sys
 import time
 import traceback
+from importlib.metadata import version as package_version
 from pathlib import Path
 
-from mote.export.errors import MoteError, VerificationError
-from mote.targets import REGISTRY
+from mote.export import progress as export_progress
+from mote.export.errors import InputError, MoteError, VerificationError
 from mote.export.memory import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak
+from mote.targets import REGISTRY, CommonOptions
+from mote.tools.console import Console, captured_toolchain_output
 from mote.tools.output_dir import MARKER, REPORT, OutputDir
 
+PROG = "mote-export"
 DEFAULT_PROMPT = "Describe the image:"
+REPORT_SCHEMA = Path(__file__).resolve().parent / "report.schema.json"
+
+
+def tool_version() -> str:
+    return package_version("mote-export")
 
 
 class Progress:
-    """Step lines on stdout with their durations (so steps that take seconds are visible), and each step's wall
-    time and peak RSS for the report.
+    """Step lines with their durations (so steps that take seconds are visible), progress within each step (see
+    export.progress), and each step's wall time and peak RSS for the report."""
 
-    stdout, not stderr: on failure stderr carries exactly one line, the error.
-    """
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.timings, self.peak_rss = quiet, {}, {}
+    def __init__(self, console: Console | None):
+        self.console, self.timings, self.peak_rss = console, {}, {}
 
     @contextlib.contextmanager
     def step(self, name: str, label: str):
-        if not self.quiet:
-            print(f"mote-export: {label} ...", flush=True)
+        if self.console is not None:
+            self.console.info(f"{label} ...")
         release_memory()
         reset_peak()
         t0 = time.perf_counter()
-        yield
+        with export_progress.listening(self.console.progress) if self.console else contextlib.nullcontext():
+            try:
+                yield
+            finally:
+                if self.console is not None:
+                    self.console.close_bar()
         self.timings[name] = round(time.perf_counter() - t0, 3)
         self.peak_rss[name] = peak_rss_bytes()
-        if not self.quiet:
-            print(f"mote-export: {label} done in {self.timings[name]:.1f} s "
-                  f"(peak RSS {self.peak_rss[name] / 2**30:.2f} GiB)", flush=True)
+        if self.console is not None:
+            self.console.info(f"{label} done in {self.timings[name]:.1f} s "
+                              f"(peak RSS {self.peak_rss[name] / 2**30:.2f} GiB)")
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="mote-export", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", required=True, choices=sorted(REGISTRY))
+class UsageError(InputError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (raised, printed by main) rather than usage + message."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _common_parser(target_help: str) -> _Parser:
+    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"{PROG} {tool_version()}")
+    ap.add_argument("--target", required=True, choices=sorted(REGISTRY), help=target_help)
     ap.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     ap.add_argument("-o", "--out", type=Path, help="output directory (default: out/<model>-<target>)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="static KV-cache length (default: min(128, max positions))")
     ap.add_argument("--no-verify", action="store_true", help="skip the numerics check against PyTorch")
     ap.add_argument("--prompt", default=None, help="verification prompt (default: MODEL_DIR/prompt.txt or a fixed one)")
     ap.add_argument("--image", type=Path, default=None, help="verification image, PNG (default: MODEL_DIR/sample.png)")
-    ap.add_argument("--portable", action="store_true", help="onnx: standard ops only (DequantizeLinear INT2, opset 25)")
     ap.add_argument("--overwrite", action="store_true",
                     help="write into an -o folder that holds other files (they are kept; same-named files replaced)")
-    ap.add_argument("--quiet", action="store_true")
-    return ap.parse_args(argv)
+    loud = ap.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="debug lines, the toolchains' own output, and the traceback of a failure")
+    loud.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    return ap
+
+
+def parse_args(argv):
+    """Two passes: `--target` first, then the common flags plus that target's own (TargetOptions.add_arguments), so a
+    flag of another target is refused instead of silently ignored."""
+    from mote.targets import get_target
+
+    pre = _Parser(add_help=False)
+    pre.add_argument("--target", choices=sorted(REGISTRY))
+    known, _ = pre.parse_known_args(argv)
+    ap = _common_parser("the backend (`mote-export --target T --help` lists T's own options)")
+    if known.target is None:
+        return ap.parse_args(argv)   # --help / --version, or the missing --target error
+    options_class = get_target(known.target).Options
+    options_class.add_arguments(ap, known.target)
+    args, unknown = ap.parse_known_args(argv)
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        owners = [name for name in sorted(REGISTRY) if name != known.target and flag in
+                  {o.flag(f) for o in [get_target(name).Options] for f in o.cli_fields()}]
+        if owners:
+            raise UsageError(f"{flag} is an option of --target {' / '.join(owners)}, not of --target {known.target}")
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    args.target_options = options_class.from_args(args)
+    return args
 
 
 def verification_inputs(args, model):
     """The prompt (a `Prompt`: token ids, special ids, `source`) + image every program is checked on: the model's
     shipped sample (prompt.txt, sample.png) through its own tokenizer and image preprocessing, else a fixed
-    synthetic image and, without a tokenizer, a synthetic token-id prompt (`prompt.source` says which)."""
+    synthetic image and, without a tokenizer, a synthetic token-id prompt (`prompt.source` says which).
+    Returns (prompt, pixel_values or None, the image file used or None)."""
     import torch
 
     from mote.export.images import load_pixel_values
@@ -83,19 +141,20 @@ def verification_inputs(args, model):
     if text is None:
         p = args.model_dir / "prompt.txt"
         text = p.read_text().strip() if p.is_file() else DEFAULT_PROMPT
-    pixel_values = None
+    pixel_values, image_file = None, None
     vc = model.config.vision
     if vc is not None:
         image = args.image or (args.model_dir / "sample.png")
         if image.is_file() or args.image is not None:
-            pixel_values = load_pixel_values(image, args.model_dir, model.config)
+            pixel_values, image_file = load_pixel_values(image, args.model_dir, model.config), image
         else:
             gen = torch.Generator().manual_seed(0)
             pixel_values = torch.rand(1, vc.num_channels, vc.image_size, vc.image_size, generator=gen) * 2 - 1
-    return verification_prompt(args.model_dir, model.config, text, pixel_values is not None), pixel_values
+    prompt = verification_prompt(args.model_dir, model.config, text, pixel_values is not None)
+    return prompt, pixel_values, image_file
 
 
-def run(args) -> dict:
+def run(args, console: Console | None = None, argv=None) -> dict:
     from mote.export.generate import EagerRunner
     from mote.export.loader import load_model
     from mote.export.programs import export_programs
@@ -104,7 +163,8 @@ def run(args) -> dict:
     from mote.passes.pipeline import run_pipeline
     from mote.targets import get_target
 
-    progress = Progress(args.quiet)
+    started = time.perf_counter()
+    progress = Progress(console)
     output = OutputDir(args.out or Path("out") / f"{args.model_dir.resolve().name}-{args.target}", args.overwrite)
     output.check()
     output.remove_stale_staging()
@@ -113,7 +173,7 @@ def run(args) -> dict:
     config = model.config
     target = get_target(args.target)
     max_seq_len = args.max_seq_len or min(128, config.max_position_embeddings)
-    prompt, pixel_values = verification_inputs(args, model)
+    prompt, pixel_values, image_file = verification_inputs(args, model)
     reference = None
     if not args.no_verify:
         # Once, now: the reference's outputs are kept (a few MB) and the model need not outlive the lowering.
@@ -128,19 +188,28 @@ def run(args) -> dict:
 
     staging = output.create_staging()
     try:
-        options = {"experts": "portable" if args.portable else "qmoe", "max_seq_len": max_seq_len,
-                   "special_ids": prompt.special}
+        common = CommonOptions(model_dir=args.model_dir, out_dir=staging, max_seq_len=max_seq_len,
+                               verify=not args.no_verify, special_ids=prompt.special)
         with progress.step("lower", f"lowering to {args.target}"):
-            lowered = target.lower(programs, model, staging, options)
+            lowered = target.lower(programs, model, common, args.target_options)
         # The artifact is on disk: the programs and the model (which share the weights) are not needed any more.
         del programs, model
         release_memory()
+        artifact_bytes = sum(p.stat().st_size for p in lowered.artifacts)
         report = {
-            "tool": "mote-export",
+            "tool": PROG,
+            "tool_version": tool_version(),
+            "versions": {"python": platform.python_version(), "torch": package_version("torch"),
+                         **target.runtime_versions()},
+            "command_line": [PROG, *(argv if argv is not None else sys.argv[1:])],
             "target": args.target,
             "model_dir": str(args.model_dir),
             "max_seq_len": max_seq_len,
+            "options": {"common": {"max_seq_len": max_seq_len, "quantization": common.quantization,
+                                   "verify": common.verify},
+                        "target": args.target_options.as_dict()},
             "artifacts": [{"path": p.name, "bytes": p.stat().st_size} for p in lowered.artifacts],
+            "size": size_facts(lowered, artifact_bytes),
             "routed_expert_bits_per_weight": round(lowered.routed_expert_bits_per_weight, 4),
             "routed_expert_weights": lowered.routed_expert_weights,
             "routed_expert_bytes": lowered.routed_expert_bytes,
@@ -148,22 +217,22 @@ def run(args) -> dict:
             "notes": lowered.notes,
             "facts": lowered.facts,
             "passes": pass_log,
-            "model": model_facts(config, prompt),
+            "model": model_facts(config, prompt, image_file),
         }
         if args.no_verify:
             report["verify"] = "skipped"
             report["numerics"] = {}
         else:
             with progress.step("verify", f"checking numerics in the {args.target} runtime against PyTorch"):
-                numerics = replay(reference, target.runner(staging, None, max_seq_len, options))
+                numerics = replay(reference, target.runner(staging, max_seq_len))
                 release_memory()
             ok, why = passed(numerics, target.tolerance)
             report["numerics"] = numerics
             report["verify"] = "passed" if ok else "failed"
+            report["tolerance"] = dataclasses.asdict(target.tolerance)
             if not ok:
-                print(json.dumps(report["numerics"], indent=1))
                 raise VerificationError(f"numerics check failed: {why}; no artifact was written to {output.path}")
-        report["timings_s"] = progress.timings
+        report["timings_s"] = {**progress.timings, "total": round(time.perf_counter() - started, 3)}
         report["peak_rss_bytes"] = {**progress.peak_rss, "child_processes": children_peak_rss_bytes()}
         # The model's side files travel with the artifacts verbatim (config, tokenizer, generation config, chat
         # template, preprocessor config; the byte-level tokenizer.json for our byte vocabulary): runners need them.
@@ -178,7 +247,15 @@ def run(args) -> dict:
     return report
 
 
-def model_facts(cfg, prompt) -> dict:
+def size_facts(lowered, artifact_bytes: int) -> dict:
+    """The artifacts' bytes against an estimate of the same export with float32 routed experts (4 bytes a weight
+    in place of what the routed experts take now): what keeping them ternary saves."""
+    fp32 = artifact_bytes - lowered.routed_expert_bytes + 4 * lowered.routed_expert_weights
+    return {"artifact_bytes": artifact_bytes, "fp32_experts_estimate_bytes": fp32,
+            "ratio_to_fp32_experts_estimate": round(artifact_bytes / max(fp32, 1), 4)}
+
+
+def model_facts(cfg, prompt, image_file: Path | None) -> dict:
     """What was read from the model directory: its layout, the RoPE in use, the checkpoint dtype (weights are
     computed in fp32), the special ids and where each came from (an unknown id is reported as null and left out
     of the runner constants), and how the verification prompt was made."""
@@ -193,7 +270,8 @@ def model_facts(cfg, prompt) -> dict:
         # Neither the config, generation_config.json nor the tokenizer names them: runners must not guess.
         "unknown_special_ids": [name for name, known in (("bos", special.bos is not None), ("eos", bool(special.eos)))
                                 if not known],
-        "verification_prompt": {"source": prompt.source, "tokens": len(prompt.ids)},
+        "verification_prompt": {"source": prompt.source, "tokens": len(prompt.ids),
+                                "image": str(image_file) if image_file is not None else None},
         "moe_layers": list(cfg.moe.moe_layers),
     }
     if cfg.vision is not None:
@@ -202,41 +280,85 @@ def model_facts(cfg, prompt) -> dict:
     return facts
 
 
+def _numerics_line(stats: dict) -> str:
+    if stats.get("exact"):
+        text = "exact (bit-identical to PyTorch)"
+    else:
+        text = f"SQNR {stats['sqnr_db']:.1f} dB, max abs err {stats['max_abs_err']:.2e}"
+    return text + (f", greedy {stats['greedy_match']}" if "greedy_match" in stats else "")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
 def summary(report: dict) -> str:
-    lines = [f"mote-export: {report['target']} -> {report['out_dir']}"]
-    for a in report["artifacts"]:
-        lines.append(f"  {a['path']}: {a['bytes'] / 1e6:.2f} MB")
-    lines.append(f"  routed experts: {report['routed_expert_bits_per_weight']:.3f} bits/weight")
-    for program, s in report.get("numerics", {}).items():
-        extra = f", greedy {s['greedy_match']}" if "greedy_match" in s else ""
-        lines.append(f"  {program}: SQNR {s['sqnr_db']:.1f} dB, max abs err {s['max_abs_err']:.2e}{extra}")
-    for d in report.get("deviations", []):
-        lines.append(f"  deviation: {d}")
+    """What went where, in the manner of optimum-cli / ExecuTorch's export_llm."""
+    out = report["out_dir"]
+    rows = [(a["path"], _mb(a["bytes"])) for a in report["artifacts"]]
+    size = report["size"]
+    rows.append(("total", f"{_mb(size['artifact_bytes'])}, {size['ratio_to_fp32_experts_estimate']:.2f}x an fp32-expert "
+                          f"export (about {_mb(size['fp32_experts_estimate_bytes'])})"))
+    rows.append(("routed experts", f"{report['routed_expert_bits_per_weight']:.3f} bits/weight "
+                                   f"({_mb(report['routed_expert_bytes'])} for {report['routed_expert_weights']:,} weights)"))
+    for program, stats in report.get("numerics", {}).items():
+        rows.append((program, _numerics_line(stats)))
+    rows += [("deviation", d) for d in report.get("deviations", [])]
     unknown = report.get("model", {}).get("unknown_special_ids")
     if unknown:
-        lines.append(f"  special ids: {' and '.join(unknown)} unknown (no config, generation config or tokenizer names "
-                     f"them); none is assumed")
-    lines.append(f"  verify: {report['verify']}")
+        rows.append(("special ids", f"{' and '.join(unknown)} unknown (no config, generation config or tokenizer "
+                                    "names them); none is assumed"))
+    verify = report["verify"]
+    if verify == "passed":
+        tol = report["tolerance"]
+        verify += f" in the {report['target']} runtime (bar: SQNR >= {tol['min_sqnr_db']:g} dB" + (
+            ", identical greedy tokens)" if tol["need_identical_greedy"] else ")")
+    rows.append(("verify", verify))
+    rows.append(("report", str(Path(out) / REPORT)))
+    model = report["model"]
+    image = model["verification_prompt"]["image"] or ("IMAGE" if model.get("vision") else None)
+    image = f" --image {image}" if image else ""
+    rows.append(("try it", f"mote-run {out}{image}"))
+    width = max(len(k) for k, _ in rows)
+    total = report["timings_s"]["total"]
+    lines = [f"{PROG}: exported {report['model_dir']} for {report['target']} in {total:.1f} s -> {out}"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
     try:
         args = parse_args(argv)
-    except SystemExit as e:          # argparse already printed its one-line usage error
-        return 0 if e.code == 0 else 2
-    try:
-        report = run(args)
-    except MoteError as e:
-        print(f"mote-export: error: {e}", file=sys.stderr)
+    except SystemExit as e:          # --help / --version printed what was asked
+        return 0 if e.code in (0, None) else 2
+    except MoteError as e:           # a usage error: one line
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:        # staging already removed by run()'s cleanup
-        print("mote-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception:                # a bug, not bad input: keep the traceback for the report
-        traceback.print_exc()
-        return 1
-    print(summary(report))
+    capture = captured_toolchain_output(enabled=not args.verbose)
+    error, exit_code = None, 0
+    with capture:
+        console = Console(PROG, -1 if args.quiet else (1 if args.verbose else 0), capture.stdout, capture.stderr)
+        try:
+            report = run(args, console, argv)
+        except MoteError as e:
+            error, exit_code = str(e), e.exit_code
+        except KeyboardInterrupt:    # staging already removed by run()'s cleanup
+            error, exit_code = "interrupted; nothing was written", 130
+        except Exception as e:       # a bug, not bad input
+            if verbose:
+                traceback.print_exc(file=capture.stderr)
+            error, exit_code = f"internal error: {type(e).__name__}: {e}" + ("" if verbose else " (-v shows the traceback)"), 1
+        finally:
+            console.close_bar()
+    if error is not None:
+        log = capture.save(PROG) if exit_code not in (2, 130) else None
+        what = "" if exit_code == 130 else "error: "   # Ctrl-C is the user's choice, not an error
+        print(f"{PROG}: {what}{error}" + (f" (toolchain output: {log})" if log else ""), file=sys.stderr)
+        return exit_code
+    if not args.quiet:
+        print(summary(report), file=capture.stdout, flush=True)
     return 0
 
 

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
                 raise InputError(f"{args.out_dir}: this model has no vision tower; drop --image")
             pixel_values = load_pixel_values(args.image, args.out_dir, cfg)
         prompt = tokenizer.prompt(args.prompt, pixel_values is not None, use_chat_template=not args.no_chat_template)
-        options = {"suffix": args.suffix} if args.suffix else {}
-        runner = get_target(report["target"]).runner(args.out_dir, None, report["max_seq_len"], options)
+        extra = {"suffix": args.suffix} if args.suffix else {}
+        runner = get_target(report["target"]).runner(args.out_dir, report["max_seq_len"], **extra)
         tokens, _ = greedy_generate(runner, prompt.ids, pixel_values, args.max_new_tokens, prompt.special)
     except MoteError as e:
         print(f"mote-run: error: {e}", file=sys.stderr)

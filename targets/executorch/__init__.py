@@ -11,19 +11,21 @@ linears) is delegated to XNNPACK in fp32.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from mote.export import progress
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
 from mote.passes.match import is_op
 from mote.passes.program import constant_value
-from mote.targets import Lowered, Target, quiet_toolchain
+from mote.targets import CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, quiet_toolchain
 
 from .decompose import DECOMPOSITIONS, use_float_experts
 from .partitioning import linear_partitioning
-from .report import read_back, render_notes, routed_constants
+from .report import pte_routed_expert_storage, read_back, render_notes, routed_constants
 
 PTE_NAME = "model.pte"
 
@@ -77,15 +79,34 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False,
     if float_experts:
         for ep in programs.values():
             use_float_experts(ep)
+    n = len(programs)
+    steps = 2 * n + 2   # decompose and partition each program, emit, write (ExecuTorchTarget.lower)
     with quiet_toolchain(), (linear_partitioning() if fast_partitioning else contextlib.nullcontext()):
-        decomposed = {name: ep.run_decompositions(DECOMPOSITIONS) for name, ep in programs.items()}
+        decomposed = {}
+        for i, (name, ep) in enumerate(programs.items()):
+            progress.tick(f"{name}: mote:: ops to ATen", i, steps)
+            decomposed[name] = ep.run_decompositions(DECOMPOSITIONS)
         edge = to_edge_transform_and_lower(
-            decomposed, partitioner=[XnnpackPartitioner()],
+            decomposed, partitioner=[_reporting(XnnpackPartitioner(), n, steps)],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=constant_methods(model, max_seq_len, special_ids))
+        progress.tick("emitting the ExecuTorch program", 2 * n, steps)
         return edge, edge.to_executorch(ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+
+
+def _reporting(partitioner, n: int, steps: int):
+    """`partitioner`, ticking progress as ExecuTorch calls it on each method (it is not told the method's name)."""
+    partition, calls = partitioner.partition, iter(range(n))
+
+    def reporting_partition(exported_program):
+        i = next(calls, n - 1)
+        progress.tick(f"XNNPACK partitioning, method {i + 1}/{n}", n + i, steps)
+        return partition(exported_program)
+
+    partitioner.partition = reporting_partition
+    return partitioner
 
 
 def delegation_summary(edge) -> dict:
@@ -124,16 +145,25 @@ def forget_lowered_graphs() -> None:
                     value.node = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ExecuTorchOptions(TargetOptions):
+    # ExecuTorch's delegation exactly as shipped when False (slow at real sizes; tests compare the two).
+    fast_partitioning: bool = True
+
+
 class ExecuTorchTarget(Target):
     name = "android"
     kv_style = KVCacheStyle.STATE
     tolerance = Tolerance(min_sqnr_db=60.0)   # exact reference semantics in fp32
+    Options = ExecuTorchOptions
+    fp32_experts_supported = True
 
-    def lower(self, programs, model, out_dir: Path, options: dict) -> Lowered:
+    def lower(self, programs, model, common: CommonOptions, options: ExecuTorchOptions = ExecuTorchOptions()) -> Lowered:
         weights = routed_expert_weights(programs["text_decoder"])
-        float_experts = options.get("experts") == "fp32"
-        edge, et = to_pte(programs, model, options["max_seq_len"], float_experts, options.get("special_ids"))
-        path = out_dir / PTE_NAME
+        edge, et = to_pte(programs, model, common.max_seq_len, common.fp32_experts, common.special_ids,
+                          options.fast_partitioning)
+        path = common.out_dir / PTE_NAME
+        progress.tick(f"writing {PTE_NAME}", 2 * len(programs) + 1, 2 * len(programs) + 2)
         # Streamed piece by piece: `et.buffer` would first join the whole program (2.8 GB at the 0.5B shape) in memory.
         # Constants stay in the .pte's own segments (ExecuTorch's default): one file that the runtime maps from
         # disk, which is what our runner, mote-run and ExecuTorch's LLM runners load; no separate .ptd to ship.
@@ -148,8 +178,16 @@ class ExecuTorchTarget(Target):
                        routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=[],
                        notes=render_notes(facts, weights), facts=facts)
 
-    def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):
+    def runner(self, out_dir: Path, max_seq_len: int) -> "PteRunner":
         return PteRunner(Path(out_dir) / PTE_NAME, max_seq_len)
+
+    def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
+        return pte_routed_expert_storage(Path(out_dir) / PTE_NAME)
+
+    def runtime_versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"executorch": version("executorch")}
 
 
 class PteRunner:

@@ -189,6 +189,32 @@ def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
     }
 
 
+def pte_routed_expert_storage(pte_path: Path):
+    """The routed experts' storage read from the `.pte` alone (no program to name the constants): the text_decoder's
+    3-D constants [E, rows, K/4 or K] (uint8 codes, or the fp32 baseline's float weights) and the 2-D float scales
+    [E, 1 or rows] beside them. The shared expert, router and attention weights are XNNPACK's (named data), and the
+    only other constant, the embedding, is 2-D with another leading size."""
+    from executorch.exir.scalar_type import ScalarType
+
+    from mote.targets import RoutedExpertStorage
+
+    program, _, _ = _read_pte(pte_path)
+    plan = next(p for p in program.execution_plan if p.name == DECODER)
+    constants = []
+    for value in plan.values:
+        t = value.val
+        if type(t).__name__ == "Tensor" and t.data_buffer_idx > 0:
+            dtype = _DTYPES.get(ScalarType(t.scalar_type).name, "?")
+            constants.append((dtype, [int(s) for s in t.sizes]))
+    experts = [(d, s) for d, s in constants if len(s) == 3]
+    leading = {s[0] for _, s in experts}
+    rows = {s[1] for _, s in experts} | {1}
+    scales = [(d, s) for d, s in constants if len(s) == 2 and d == "float32" and s[0] in leading and s[1] in rows]
+    tensors = experts + scales
+    return RoutedExpertStorage(bytes=sum(_ELEMENT_SIZE[d] * int(torch.Size(s).numel()) for d, s in tensors),
+                               tensors=len(tensors), where=f"{pte_path.name}: {DECODER} constants")
+
+
 def _storage(program, header, file_size: int, pte_path: Path) -> dict:
     """Where the .pte keeps its data, from its header and flatbuffer: the constant segment (portable-op constants:
     routed-expert codes, embeddings), the delegates' named data (XNNPACK's weights), the delegate payloads, and any

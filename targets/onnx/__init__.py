@@ -5,8 +5,8 @@ Artifacts: `vision_encoder.onnx`, `token_embedding.onnx`, `text_decoder.onnx` (K
 
 Large models: a `.onnx` whose initializers come near protobuf's 2 GiB serialization limit keeps them in one external
 data file beside it (`text_decoder.onnx` + `text_decoder.onnx.data`, offsets aligned for memory mapping); the
-threshold is `options["external_data_threshold"]` (bytes). The ORT format has no such form (one FlatBuffer, 32-bit
-offsets; ORT's converter writes every initializer inline), so a model above `options["ort_size_limit"]` gets no
+threshold is `OnnxOptions.external_data_threshold` (bytes). The ORT format has no such form (one FlatBuffer, 32-bit
+offsets; ORT's converter writes every initializer inline), so a model above `OnnxOptions.ort_size_limit` gets no
 `.ort`, and the report says why.
 
 Memory: the model is written from torch.onnx's in-memory IR (whose initializers are the program's tensors, or the
@@ -16,6 +16,7 @@ threshold the file is one serialized ModelProto (a transient copy of that model'
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -28,10 +29,12 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from mote.export import progress
 from mote.export.memory import release_memory
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.targets import Lowered, Target, quiet_toolchain
+from mote.targets import (CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, cli_flag,
+                          quiet_toolchain)
 
 from .repack import lower_to_ort_layouts
 from .report import ort_facts, read_back, render
@@ -143,22 +146,36 @@ def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[
         shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class OnnxOptions(TargetOptions):
+    portable: bool = cli_flag(help="standard ONNX ops only (INT2 DequantizeLinear + MatMul, opset 25): for runtimes "
+                                   "without com.microsoft ops; every expert is computed")
+    ort: bool = True                     # also write the .ort files (ORT Mobile); the benchmark skips them
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD   # bytes of initializers
+    ort_size_limit: int = DEFAULT_ORT_SIZE_LIMIT                     # bytes of initializers
+
+
 class OnnxTarget(Target):
     name = "onnx"
     kv_style = KVCacheStyle.IO
     tolerance = Tolerance(min_sqnr_db=35.0)   # declared kernel deviation (QMoE activation quantization)
+    Options = OnnxOptions
+    fp32_experts_supported = True
 
-    def lower(self, programs, model, out_dir: Path, options: dict) -> Lowered:
-        """Options: "experts" (qmoe | portable | fp32), "ort" (default True), "external_data_threshold" and
-        "ort_size_limit" (bytes of initializers; defaults above)."""
-        threshold = options.get("external_data_threshold", DEFAULT_EXTERNAL_DATA_THRESHOLD)
+    def lower(self, programs, model, common: CommonOptions, options: OnnxOptions = OnnxOptions()) -> Lowered:
+        if common.fp32_experts and options.portable:
+            raise ValueError("onnx: the fp32-expert baseline has no --portable form")
+        variant = "fp32" if common.fp32_experts else "portable" if options.portable else "qmoe"
+        out_dir = common.out_dir
         weights, paths = 0, []
-        for name, ep in programs.items():
+        steps = len(programs) + int(options.ort)
+        for i, (name, ep) in enumerate(programs.items()):
+            progress.tick(f"{name}.onnx", i, steps)
             release_memory()
             weights += lower_to_ort_layouts(ep)
             path = out_dir / f"{name}.onnx"
-            export_onnx(ep, path, decoder=name == "text_decoder", postprocess=VARIANTS[options.get("experts", "qmoe")],
-                        external_data_threshold=threshold)
+            export_onnx(ep, path, decoder=name == "text_decoder", postprocess=VARIANTS[variant],
+                        external_data_threshold=options.external_data_threshold)
             paths.append(path)
         release_memory()
         # Every statement of the report is read back from the written files.
@@ -168,9 +185,10 @@ class OnnxTarget(Target):
             return [out_dir / loc for p in models for loc in facts["files"][p.name]["external_data"]["files"]]
 
         ort_paths = []
-        if options.get("ort", True):
-            limit = options.get("ort_size_limit", DEFAULT_ORT_SIZE_LIMIT)
+        if options.ort:
+            limit = options.ort_size_limit
             fits = [p for p in paths if facts["files"][p.name]["initializer_bytes"] <= limit]
+            progress.tick("ORT format (.ort)", len(programs), steps)
             ort_paths = convert_to_ort(fits, data_files(fits))
             facts["ort"] = ort_facts(paths, limit, facts["files"])
         deviations, notes = render(facts, weights)
@@ -178,8 +196,20 @@ class OnnxTarget(Target):
                        routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=deviations, notes=notes,
                        facts=facts)
 
-    def runner(self, out_dir: Path, model, max_seq_len: int, options: dict):
-        return OrtRunner(out_dir, max_seq_len, suffix=options.get("suffix", ".onnx"))
+    def runner(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx") -> "OrtRunner":
+        """`suffix=".ort"` runs the ORT-format files instead of the .onnx ones."""
+        return OrtRunner(out_dir, max_seq_len, suffix=suffix)
+
+    def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
+        path = Path(out_dir) / "text_decoder.onnx"
+        routed = read_back([path])["routed_experts"]
+        return RoutedExpertStorage(bytes=routed["bytes"], tensors=routed["tensors"],
+                                   where=f"{path.name}: initializers of its routed-expert nodes")
+
+    def runtime_versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {p: version(p) for p in ("onnx", "onnxruntime", "onnxscript", "onnx-ir")}
 
 
 class OrtRunner:

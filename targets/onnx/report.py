@@ -126,6 +126,7 @@ def read_back(paths: list[Path]) -> dict:
         "files": files,
         "routed_experts": {
             "bytes": sum(t["bytes"] for e in routed for t in e["initializers"]),
+            "tensors": sum(len(e["initializers"]) for e in routed),
             "block_sizes": sorted({e["block_size"] for e in routed if e.get("block_size")}),
         },
     }

@@ -1,0 +1,149 @@
+"""The target contract: what every backend implements, and what the CLI, the runtime tests and `mote-bench` rely on.
+
+A target receives the three ExportedPrograms after the pass pipeline (the MoTE blocks are `mote::` ops, see
+`passes/ops.py`), lowers them into artifacts in `common.out_dir`, and runs those artifacts in its real runtime.
+
+Adding a target (the guide):
+
+1. One folder `targets/<backend>/` whose `__init__.py` defines `TARGET`, an instance of a `Target` subclass:
+   - `name` (the `--target` value), `kv_style` (how its programs carry the KV cache: `KVCacheStyle.STATE` for
+     mutable buffers, `IO` for explicit inputs/outputs), `tolerance` (its numerics bar, DESIGN.md section 6);
+   - `Options`: a frozen dataclass subclassing `TargetOptions`. A field declared with `cli_flag(help=...)` becomes a
+     flag of `mote-export --target <name>` (and of no other target); the other fields are for programs (the
+     benchmark, tests) and keep their defaults on the command line;
+   - `lower(programs, model, common, options) -> Lowered`: write the artifacts, and read back from what was written
+     every fact the report states (`Lowered.facts` is JSON-able data, `notes` / `deviations` are worded from it);
+   - `runner(out_dir, max_seq_len) -> Runner`: the saved artifacts in the target's runtime (see `Runner`);
+   - `routed_expert_storage(out_dir) -> RoutedExpertStorage`: the bytes the artifact spends on routed experts, read
+     from the saved files alone (the runtime tests check it against the report);
+   - `fp32_experts_supported`: whether `CommonOptions.fp32_experts` (the benchmark's baseline: the same model with
+     float32 routed experts, same runtime) can be lowered.
+2. One line in `REGISTRY` (`targets/__init__.py`).
+
+Heavy toolchains are imported inside functions, so that importing a target to read its options stays cheap.
+Lowering helpers that more than one backend needs live once in `targets/lowering.py`.
+Everything else comes for free: the CLI's flags and checks, `runtime_tests/test_targets.py` (one suite,
+parametrized over the registry) and `mote-bench --target <name>`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from mote.export.programs import KVCacheStyle
+from mote.export.verify import Tolerance
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonOptions:
+    """What every target's lowering is told, whatever the backend."""
+
+    model_dir: Path | None     # the input model directory (None for a model built in memory: tests, benchmarks)
+    out_dir: Path              # where `lower` writes (the CLI's staging folder; moved into place once verified)
+    max_seq_len: int           # static KV-cache length
+    quantization: str | None = None   # --quantize spec for the full-precision parts (issue 14); None: fp32
+    verify: bool = True        # the artifact will be checked in its runtime after lowering
+    # The model directory's special token ids (export.tokenizer.SpecialIds); runners that embed them (ExecuTorch's
+    # constant methods) take them from here. None: the model config's.
+    special_ids: object | None = None
+    # The benchmark's baseline: the same model with float32 routed experts (never a deployment artifact).
+    fp32_experts: bool = False
+
+
+def cli_flag(default=False, *, help: str, choices=None):
+    """A `TargetOptions` field that is also a command-line flag (`--field-name`) of its target only."""
+    return dataclasses.field(default=default, metadata={"cli_help": help, "cli_choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetOptions:
+    """Base of each target's options dataclass (see the module docstring)."""
+
+    @classmethod
+    def cli_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if "cli_help" in f.metadata]
+
+    @classmethod
+    def flag(cls, field: dataclasses.Field) -> str:
+        return "--" + field.name.replace("_", "-")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, target: str) -> None:
+        fields = cls.cli_fields()
+        if not fields:
+            return
+        group = parser.add_argument_group(f"--target {target} options")
+        hints = typing.get_type_hints(cls)
+        for f in fields:
+            if hints[f.name] is bool:
+                group.add_argument(cls.flag(f), dest=f.name, action="store_true", help=f.metadata["cli_help"])
+            else:
+                group.add_argument(cls.flag(f), dest=f.name, type=hints[f.name], default=f.default,
+                                   choices=f.metadata["cli_choices"], help=f.metadata["cli_help"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return cls(**{f.name: getattr(args, f.name) for f in cls.cli_fields()})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Lowered:
+    """What `Target.lower` wrote: artifact paths and facts for report.json."""
+
+    artifacts: list[Path]
+    routed_expert_weights: int            # number of routed-expert weights (trits) in the model
+    routed_expert_bytes: int              # bytes the artifact spends on them, scales included
+    deviations: list[str] = dataclasses.field(default_factory=list)   # kernels that depart from the reference
+    notes: list[str] = dataclasses.field(default_factory=list)
+    # What deviations and notes are worded from, read back from the artifact / the lowered program (JSON-able).
+    facts: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def routed_expert_bits_per_weight(self) -> float:
+        return self.routed_expert_bytes * 8 / max(self.routed_expert_weights, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedExpertStorage:
+    """The routed experts as stored in a saved artifact, read from its files alone."""
+
+    bytes: int                  # codes and scales
+    tensors: int                # how many stored tensors hold them
+    where: str                  # which file / program holds them
+
+
+class Runner(Protocol):
+    """The three programs as the deployed artifact exposes them; the KV cache lives inside the runner
+    (export/generate.py drives any runner the same way as the PyTorch reference's `EagerRunner`)."""
+
+    def reset(self) -> None: ...
+    def vision_encoder(self, pixel_values): ...
+    def token_embedding(self, tokens): ...
+    def text_decoder(self, embeds, input_pos): ...
+
+
+class Target:
+    name: ClassVar[str]
+    kv_style: ClassVar[KVCacheStyle]
+    tolerance: Tolerance
+    Options: ClassVar[type[TargetOptions]] = TargetOptions
+    fp32_experts_supported: ClassVar[bool] = False
+
+    def lower(self, programs: dict, model, common: CommonOptions, options: TargetOptions) -> Lowered:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def runner(self, out_dir: Path, max_seq_len: int) -> Runner:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def runtime_versions(self) -> dict[str, str]:
+        """{package: version} of the toolchain and runtime this target uses (for report.json)."""
+        return {}
