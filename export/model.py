@@ -142,22 +142,17 @@ class MoteBlock(nn.Module):
         self.last_router_logits = None  # kept in training mode for the load-balancing loss
 
     def forward(self, x):
-        shared = self.shared_expert(x)
-        if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         logits = self.gate(x)
         if self.training:
             self.last_router_logits = logits
-        combine = semantics.route(logits, self.top_k, self.norm_topk_prob)
-        y = shared
+        s = self.shared_expert
         # Eager evaluation skips experts no token selected: they would add exact zeros (see semantics.moe_combine),
         # and decoding every expert of every layer per step dominates the reference's run time at real sizes.
         # Traced programs keep every expert, branch-free, for the passes to fuse.
-        selected = None if _tracing() else semantics.selected_experts(combine)
-        for e, expert in enumerate(self.experts):
-            if selected is None or selected[e]:
-                y = y + combine[..., e : e + 1] * expert(x)
-        return y
+        return semantics.moe_ffn(
+            x, (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight),
+            None if self.shared_expert_gate is None else self.shared_expert_gate.weight,
+            logits, self.top_k, self.norm_topk_prob, lambda e: self.experts[e](x), skip_unselected=not _tracing())
 
 
 def _tracing() -> bool:

@@ -61,32 +61,61 @@ def swiglu(x, w_gate, w_up, w_down):
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
-def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
-    """Softmax router + top-k as a dense combine matrix [tokens, E] (zero for unselected experts).
+def shared_expert(x, w_gate, w_up, w_down, w_shared_gate=None):
+    """The full-precision shared expert: swiglu(x), times sigmoid(w_g . x) where the model has a shared-expert gate
+    (Qwen2-MoE)."""
+    out = swiglu(x, w_gate, w_up, w_down)
+    if w_shared_gate is not None:
+        out = torch.sigmoid(F.linear(x, w_shared_gate)) * out
+    return out
 
-    Dense weights instead of index lists keep the graph free of data-dependent shapes (no nonzero / masks).
-    """
+
+def route_top_k(logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """Softmax router + top-k: (probs [.., E], top_p [.., k], top_i [.., k]); top_p renormalised to sum 1 if asked."""
     probs = torch.softmax(logits, dim=-1)
     top_p, top_i = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    return probs, top_p, top_i
+
+
+def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    """`route_top_k` as a dense combine matrix [tokens, E] (zero for unselected experts).
+
+    Dense weights instead of index lists keep the graph free of data-dependent shapes (no nonzero / masks).
+    """
+    probs, top_p, top_i = route_top_k(logits, top_k, norm_topk_prob)
     return torch.zeros_like(probs).scatter(-1, top_i, top_p)
 
 
-def moe_combine(x, shared_out, combine, experts):
+def moe_combine(shared_out, combine, expert_output, selected=None):
     """y = shared(x) + sum_e combine[:, e] * expert_e(x), summed in expert order.
 
-    `experts` is a list of (t_gate, s_gate, t_up, s_up, t_down, s_down), or None for an expert no row selected.
-    Unselected experts carry weight 0, which adds exact zeros, so the sum equals the sum over the selected experts
-    only (in expert-index order), and an expert no row selected can be left out.
+    `expert_output(e)` computes expert e's output for all rows. With `selected` (see `selected_experts`), experts no
+    row selected are left out: they carry weight 0 and would add exact zeros, so the sum equals the sum over the
+    selected experts only (in expert-index order).
     """
     y = shared_out
-    for e, weights in enumerate(experts):
-        if weights is not None:
-            y = y + combine[..., e : e + 1] * ternary_expert(x, *weights)
+    for e in range(combine.shape[-1]):
+        if selected is None or selected[e]:
+            y = y + combine[..., e : e + 1] * expert_output(e)
     return y
 
 
 def selected_experts(combine: torch.Tensor) -> list[bool]:
     """Per expert: does any row give it a nonzero weight (the experts `moe_combine` needs)."""
     return (combine != 0).flatten(0, -2).any(0).tolist()
+
+
+def moe_ffn(x, shared, w_shared_gate, router_logits, top_k: int, norm_topk_prob: bool, expert_output,
+            skip_unselected: bool = True):
+    """The MoTE block (DESIGN.md section 1): y = shared_expert(x) + sum_{e in top-k(x)} g_e(x) * expert_e(x).
+
+    `shared` = (W_gate, W_up, W_down) of the shared expert, `router_logits` = W_r x, `expert_output(e)` = expert e
+    on every row of x (however a kernel stores it). `skip_unselected` leaves out experts no row chose (eager only:
+    a traced graph must not branch on data).
+    """
+    shared_out = shared_expert(x, *shared, w_shared_gate)
+    combine = route(router_logits, top_k, norm_topk_prob)
+    selected = selected_experts(combine) if skip_unselected else None
+    return moe_combine(shared_out, combine, expert_output, selected)

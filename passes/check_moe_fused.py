@@ -28,11 +28,11 @@ from mote.export.errors import PipelineError
 
 from .fuse_moe_block import why_not_fused
 from .match import is_op
+from .ops import MoeFfnArgs
 from .program import CONSTANT_KINDS, spec_for
 
 MOE_FFN = torch.ops.mote.moe_ffn.default
 UNFUSED_OPS = (torch.ops.mote.unpack_trits.default, torch.ops.mote.ternary_linear.default)
-EXPERT_OPERANDS = slice(6, 12)     # mote.moe_ffn's gate/up/down packed codes and scales
 ROUTED = ".experts."               # every routed-expert constant, as loaded and as the passes name them
 # export.programs wraps the model as `self.model`: program FQNs are the model's own with this prefix.
 PROGRAM_PREFIX = "model."
@@ -64,7 +64,7 @@ def _leftovers(ep) -> dict[str, dict[str, set]]:
         spec = spec_for(ep, node) if node.op == "placeholder" else None
         if spec is None or spec.kind not in CONSTANT_KINDS or ROUTED not in spec.target:
             continue
-        stray = [u for u in node.users if not (is_op(u, MOE_FFN) and node in u.args[EXPERT_OPERANDS])]
+        stray = [u for u in node.users if not (is_op(u, MOE_FFN) and node in MoeFfnArgs.of(u).routed_operands())]
         if node.users and not stray:
             continue
         module = _mlp(spec.target)[0]

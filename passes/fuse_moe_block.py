@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from .match import is_op, only_user, op, other_arg
-from .program import add_constant, call, constant_value, remove_unused_constants, spec_for
+from .ops import MoeFfnArgs
+from .program import add_constant, constant_value, finish_rewrite, replace_call, spec_for
 
 aten = torch.ops.aten
 TERNARY = torch.ops.mote.ternary_linear.default
@@ -168,15 +169,15 @@ def fuse_moe_block(ep) -> int:
         except NoMatch:
             continue
         base = spec_for(ep, m["router"]).target.rsplit(".", 1)[0] + ".experts"   # e.g. ...layers.3.mlp.gate.experts
-        stacked = []
+        stacked = {}
         for proj, which in (("gate", 0), ("up", 1), ("down", 2)):
             nodes = [ex[which] for ex in m["experts"]]
-            stacked += [_stack(ep, nodes, 1, f"{base}.{proj}_packed"), _stack(ep, nodes, 2, f"{base}.{proj}_scale")]
-        args = (m["h"], *m["shared"], m["shared_gate"], m["router"], *stacked, int(m["top_k"]), bool(m["renorm"]))
-        fused = call(graph, torch.ops.mote.moe_ffn.default, args, m["output"])
-        m["output"].replace_all_uses_with(fused)
+            stacked[f"{proj}_packed"] = _stack(ep, nodes, 1, f"{base}.{proj}_packed")
+            stacked[f"{proj}_scale"] = _stack(ep, nodes, 2, f"{base}.{proj}_scale")
+        wg, wu, wd = m["shared"]
+        args = MoeFfnArgs(x=m["h"], shared_gate=wg, shared_up=wu, shared_down=wd, shared_expert_gate=m["shared_gate"],
+                          router=m["router"], **stacked, top_k=int(m["top_k"]), norm_topk_prob=bool(m["renorm"]))
+        replace_call(graph, m["output"], torch.ops.mote.moe_ffn.default, args.args())
         count += 1
-    graph.eliminate_dead_code()
-    remove_unused_constants(ep)
-    ep.graph_module.recompile()
+    finish_rewrite(ep)
     return count

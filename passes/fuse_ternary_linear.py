@@ -21,7 +21,7 @@ import torch
 from mote.export import semantics
 
 from .match import is_op, only_user, op, other_arg, scalar_arg, through_views
-from .program import add_constant, call, constant_value, remove_unused_constants, spec_for
+from .program import add_constant, constant_value, finish_rewrite, replace_call, spec_for
 
 aten = torch.ops.aten
 
@@ -84,10 +84,7 @@ def fuse_ternary_linear(ep) -> int:
         if scale.dim() != 1:
             scale_node = add_constant(ep, spec_for(ep, scale_node).target + ".canonical", scale.reshape(-1).clone())
         packed, in_features = unpack.args
-        fused = call(graph, torch.ops.mote.ternary_linear.default, (x, packed, scale_node, in_features), out)
-        out.replace_all_uses_with(fused)
+        replace_call(graph, out, torch.ops.mote.ternary_linear.default, (x, packed, scale_node, in_features))
         count += 1
-    graph.eliminate_dead_code()
-    remove_unused_constants(ep)
-    ep.graph_module.recompile()
+    finish_rewrite(ep)
     return count

@@ -18,6 +18,9 @@ graph it replaced bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
 from mote.export import semantics
@@ -63,16 +66,14 @@ def moe_ffn(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor,
             gate_packed: torch.Tensor, gate_scale: torch.Tensor, up_packed: torch.Tensor, up_scale: torch.Tensor,
             down_packed: torch.Tensor, down_scale: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
     d, inter = x.shape[-1], gate_packed.shape[1]
-    shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
-    if shared_expert_gate is not None:
-        shared = torch.sigmoid(torch.nn.functional.linear(x, shared_expert_gate)) * shared
-    combine = semantics.route(torch.nn.functional.linear(x, router), top_k, norm_topk_prob)
-    experts = [   # only the experts some row selected are decoded (the others would add exact zeros)
-        (unpack(gate_packed[e], d), _expert_scale(gate_scale[e]), unpack(up_packed[e], d), _expert_scale(up_scale[e]),
-         unpack(down_packed[e], inter), _expert_scale(down_scale[e])) if used else None
-        for e, used in enumerate(semantics.selected_experts(combine))
-    ]
-    return semantics.moe_combine(x, shared, combine, experts)
+
+    def expert_output(e):   # decoded only for the experts some row selected (semantics.moe_ffn skips the others)
+        return semantics.ternary_expert(x, unpack(gate_packed[e], d), _expert_scale(gate_scale[e]),
+                                        unpack(up_packed[e], d), _expert_scale(up_scale[e]),
+                                        unpack(down_packed[e], inter), _expert_scale(down_scale[e]))
+
+    return semantics.moe_ffn(x, (shared_gate, shared_up, shared_down), shared_expert_gate,
+                             torch.nn.functional.linear(x, router), top_k, norm_topk_prob, expert_output)
 
 
 def _expert_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,57 @@ def _expert_scale(scale: torch.Tensor) -> torch.Tensor:
 def _(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_packed, gate_scale, up_packed,
       up_scale, down_packed, down_scale, top_k, norm_topk_prob):
     return torch.empty_like(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeFfnArgs:
+    """The arguments of one `mote.moe_ffn` call, by the names of the op's schema.
+
+    Passes and lowerings read a fused block through this instead of unpacking `node.args` by position:
+    `MoeFfnArgs.of(node)` (graph nodes), `MoeFfnArgs(*tensors)` (values), `.replace(...)`, and `.args()` to call the
+    op again. The fields are the schema's arguments in order (a unit test holds them equal).
+    """
+
+    x: Any
+    shared_gate: Any
+    shared_up: Any
+    shared_down: Any
+    shared_expert_gate: Any    # None without a shared-expert gate
+    router: Any
+    gate_packed: Any
+    gate_scale: Any
+    up_packed: Any
+    up_scale: Any
+    down_packed: Any
+    down_scale: Any
+    top_k: int
+    norm_topk_prob: bool
+
+    @classmethod
+    def of(cls, node: torch.fx.Node) -> "MoeFfnArgs":
+        names = [a.name for a in torch.ops.mote.moe_ffn.default._schema.arguments]
+        return cls(**dict(zip(names, node.args)), **node.kwargs)
+
+    def args(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def replace(self, **changes) -> "MoeFfnArgs":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def shared(self) -> tuple:
+        """(W_gate, W_up, W_down) of the full-precision shared expert."""
+        return self.shared_gate, self.shared_up, self.shared_down
+
+    def projections(self, hidden: int, expert_width: int) -> tuple:
+        """The routed experts' stacked projections as (name, packed codes [E, rows, ceil(K/4)], scales [E, 1|rows],
+        K): gate and up read the hidden state (K = hidden), down reads the expert's activation (K = expert_width)."""
+        return (("gate", self.gate_packed, self.gate_scale, hidden), ("up", self.up_packed, self.up_scale, hidden),
+                ("down", self.down_packed, self.down_scale, expert_width))
+
+    def routed_operands(self) -> tuple:
+        """The routed experts' packed codes and scales (what only this op may read)."""
+        return (self.gate_packed, self.gate_scale, self.up_packed, self.up_scale, self.down_packed, self.down_scale)
 
 
 MOTE_OPS = (torch.ops.mote.unpack_trits.default, torch.ops.mote.ternary_linear.default, torch.ops.mote.moe_ffn.default)

@@ -86,6 +86,21 @@ def remove_unused_constants(ep: ExportedProgram) -> list[str]:
     return removed
 
 
+def replace_call(graph: torch.fx.Graph, node: torch.fx.Node, op, args: tuple) -> torch.fx.Node:
+    """Replace `node` by `op(*args)`, inserted where it was (see `call`)."""
+    new = call(graph, op, args, node)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def finish_rewrite(ep: ExportedProgram) -> None:
+    """After a rewrite: drop the nodes and the constants nothing reads any more, and regenerate the code."""
+    ep.graph.eliminate_dead_code()
+    remove_unused_constants(ep)
+    ep.graph_module.recompile()
+
+
 def eliminate_dead_code(ep: ExportedProgram) -> None:
     ep.graph.eliminate_dead_code()
     ep.graph_module.recompile()

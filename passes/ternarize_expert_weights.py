@@ -27,7 +27,7 @@ from mote.export.errors import InputError
 
 from .match import is_op, op, scalar_arg
 from .ops import pack_trits
-from .program import add_constant, call, constant_value, remove_unused_constants, spec_for
+from .program import add_constant, call, constant_value, finish_rewrite, spec_for
 
 aten = torch.ops.aten
 
@@ -97,9 +97,7 @@ def ternarize_expert_weights(ep) -> int:
                 if is_op(user, aten._assert_tensor_metadata.default):
                     graph.erase_node(user)
             count += 1
-    graph.eliminate_dead_code()
-    remove_unused_constants(ep)     # the float / int8 weights are gone from the state dict, not just the graph
-    ep.graph_module.recompile()
+    finish_rewrite(ep)     # the float / int8 weights leave the state dict, not just the graph
     return count
 
 

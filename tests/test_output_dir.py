@@ -1,7 +1,6 @@
 """`-o` and interrupted runs: the tool never deletes or moves what it did not write, and a killed or interrupted run
 leaves nothing that looks like output (DESIGN.md section 7, issue 9)."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -42,7 +42,7 @@ from mote.export.generate import EagerRunner, greedy_generate
 from mote.export.images import load_pixel_values, preprocess_image, write_image
 from mote.export.io_utils import BOS, BYTE_VOCAB, EOS, IMAGE, PAD, decode, encode
 from mote.export.loader import load_model, save_model
-from mote.export.model import MoteBlock, MoteForConditionalGeneration, SwiGLU
+from mote.export.model import MoteBlock, MoteForConditionalGeneration
 from mote.export.tokenizer import byte_tokenizer_json_text, require_tokenizer
 
 PROMPT = "Describe the image:"

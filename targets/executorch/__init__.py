@@ -14,30 +14,17 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from mote.export import progress
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.passes.match import is_op
-from mote.passes.program import constant_value
 from mote.targets import CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, quiet_toolchain
+from mote.targets.lowering import routed_expert_weights
 
 from .decompose import DECOMPOSITIONS, use_float_experts
 from .partitioning import linear_partitioning
 from .report import pte_routed_expert_storage, read_back, render_notes, routed_constants
 
 PTE_NAME = "model.pte"
-
-
-def routed_expert_weights(ep) -> int:
-    """The number of routed-expert weights (trits) of the program's mote.moe_ffn ops: 3 matrices of I x d each."""
-    weights = 0
-    for node in ep.graph.nodes:
-        if is_op(node, torch.ops.mote.moe_ffn.default):
-            d, (e, inter) = node.args[0].meta["val"].shape[-1], constant_value(ep, node.args[6]).shape[:2]
-            weights += 3 * e * inter * d
-    return weights
 
 
 def constant_methods(model, max_seq_len: int, special_ids=None) -> dict:

@@ -24,7 +24,7 @@ DECODER = "text_decoder"
 _PASS_THROUGH = {"aten.select", "aten.select_copy", "aten.alias", "aten.alias_copy", "aten.view", "aten.view_copy",
                  "aten.squeeze", "aten.squeeze_copy", "aten.clone", "dim_order_ops._to_dim_order_copy",
                  "aten._to_copy", "view"}
-# The ops from the top-k indices to the ids of the chosen experts (decompose._chosen_experts), views included
+# The ops from the top-k indices to the ids of the chosen experts (lowering.chosen_experts), views included
 _TO_CHOSEN_IDS = _PASS_THROUGH | {"aten.nonzero", "aten.any", "aten.unsqueeze", "aten.unsqueeze_copy"}
 _DTYPES = {"BYTE": "uint8", "CHAR": "int8", "SHORT": "int16", "INT": "int32", "LONG": "int64", "HALF": "float16",
            "FLOAT": "float32", "DOUBLE": "float64", "BOOL": "bool", "BFLOAT16": "bfloat16"}

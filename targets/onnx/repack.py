@@ -18,59 +18,26 @@ from __future__ import annotations
 import torch
 
 from mote.passes.match import is_op
-from mote.passes.ops import ZERO_CODE, pack_trits, unpack, unpack_codes
-from mote.passes.program import add_constant, call, constant_value, remove_unused_constants, spec_for
-
-MIN_BLOCK, MAX_BLOCK = 32, 512   # QMoE/MatMulNBits block sizes that run at full speed (DESIGN.md section 9)
-
-
-def padded(k: int) -> int:
-    return k if k % MIN_BLOCK == 0 else k + (-k) % MIN_BLOCK
-
-
-def block_size(*ks: int) -> int:
-    """The largest power-of-two block in [32, 512] that divides every (padded) K."""
-    b = MAX_BLOCK
-    while any(k % b for k in ks):
-        b //= 2
-    return b
-
-
-def _pad_codes(codes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Pad the last two dims of a code tensor with the zero code."""
-    out = torch.full((*codes.shape[:-2], rows, cols), ZERO_CODE, dtype=torch.uint8)
-    out[..., : codes.shape[-2], : codes.shape[-1]] = codes
-    return out
-
-
-def _block_scales(scale: torch.Tensor, rows: int, rows_pad: int, n_blocks: int) -> torch.Tensor:
-    """Scales [..., 1 or rows] -> [..., rows_pad, n_blocks] (padded rows get scale 1: their weights are zero)."""
-    lead = scale.shape[:-1]
-    full = scale.expand(*lead, rows) if scale.shape[-1] == 1 else scale
-    out = torch.ones(*lead, rows_pad, n_blocks, dtype=torch.float32)
-    out[..., :rows, :] = full.unsqueeze(-1)
-    return out
-
+from mote.passes.ops import unpack, unpack_codes
+from mote.passes.program import add_constant, constant_value, finish_rewrite, replace_call, spec_for
+from mote.targets.lowering import (block_scales, block_size, moe_dims, moe_nodes, pack_codes, pad_codes, padded,
+                                   routed_expert_weights)
 
 def repack_moe(gate_p, gate_s, up_p, up_s, down_p, down_s, d: int, inter: int):
     """Stacked canonical experts -> QMoE fc1/fc2 (interleaved swiglu, block-wise scales). Returns tensors + block."""
     d_pad, i_pad = padded(d), padded(inter)
     block = block_size(d_pad, i_pad)
-    gate = _pad_codes(unpack_codes(gate_p, d), i_pad, d_pad)
-    up = _pad_codes(unpack_codes(up_p, d), i_pad, d_pad)
-    down = _pad_codes(unpack_codes(down_p, inter), d_pad, i_pad)
+    gate = pad_codes(unpack_codes(gate_p, d), i_pad, d_pad)
+    up = pad_codes(unpack_codes(up_p, d), i_pad, d_pad)
+    down = pad_codes(unpack_codes(down_p, inter), d_pad, i_pad)
     e = gate.shape[0]
     fc1 = torch.empty(e, 2 * i_pad, d_pad, dtype=torch.uint8)
     fc1[:, 0::2], fc1[:, 1::2] = gate, up
     fc1_s = torch.empty(e, 2 * i_pad, d_pad // block)
-    fc1_s[:, 0::2] = _block_scales(gate_s, inter, i_pad, d_pad // block)
-    fc1_s[:, 1::2] = _block_scales(up_s, inter, i_pad, d_pad // block)
-    fc2_s = _block_scales(down_s, d, d_pad, i_pad // block)
-    return _pack_codes(fc1), fc1_s, _pack_codes(down), fc2_s, block, d_pad, i_pad
-
-
-def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    return pack_trits(codes.to(torch.int16) - ZERO_CODE)
+    fc1_s[:, 0::2] = block_scales(gate_s, inter, i_pad, d_pad // block)
+    fc1_s[:, 1::2] = block_scales(up_s, inter, i_pad, d_pad // block)
+    fc2_s = block_scales(down_s, d, d_pad, i_pad // block)
+    return pack_codes(fc1), fc1_s, pack_codes(down), fc2_s, block, d_pad, i_pad
 
 
 # -- the ONNX-side ops (eager kernels dequantize; only used to test the repacking) -------------------------------
@@ -87,19 +54,15 @@ def moe_block(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tenso
               inter: int, d_pad: int, i_pad: int) -> torch.Tensor:
     from mote.export import semantics
 
-    shared = semantics.swiglu(x, shared_gate, shared_up, shared_down)
-    if shared_expert_gate is not None:
-        shared = torch.sigmoid(torch.nn.functional.linear(x, shared_expert_gate)) * shared
-    combine = semantics.route(torch.nn.functional.linear(x, router), top_k, norm_topk_prob)
     xp = torch.nn.functional.pad(x, (0, d_pad - d))
-    y = shared
-    for e in range(fc1_w.shape[0]):
-        w1 = _dequant(fc1_w[e], fc1_s[e], d_pad, block)
-        w2 = _dequant(fc2_w[e], fc2_s[e], i_pad, block)
-        h = torch.nn.functional.linear(xp, w1)
-        out = torch.nn.functional.linear(torch.nn.functional.silu(h[..., 0::2]) * h[..., 1::2], w2)[..., :d]
-        y = y + combine[..., e : e + 1] * out
-    return y
+
+    def expert_output(e):   # the interleaved swiglu of QMoE's fc1, then fc2, on dequantized block-wise weights
+        h = torch.nn.functional.linear(xp, _dequant(fc1_w[e], fc1_s[e], d_pad, block))
+        out = torch.nn.functional.silu(h[..., 0::2]) * h[..., 1::2]
+        return torch.nn.functional.linear(out, _dequant(fc2_w[e], fc2_s[e], i_pad, block))[..., :d]
+
+    return semantics.moe_ffn(x, (shared_gate, shared_up, shared_down), shared_expert_gate,
+                             torch.nn.functional.linear(x, router), top_k, norm_topk_prob, expert_output)
 
 
 @moe_block.register_fake
@@ -122,37 +85,30 @@ def lower_to_ort_layouts(ep) -> int:
     """Rewrite the program's mote:: ops into the mote_onnx:: ops above. Returns the number of routed-expert weights
     (trits) of the mote.moe_ffn ops it lowered; what they cost is read from the written file (see report.py)."""
     graph = ep.graph
-    routed_weights = 0
+    routed_weights = routed_expert_weights(ep)
+    for node, args in moe_nodes(ep):
+        _, d, inter = moe_dims(ep, args)
+        fc1, fc1_s, fc2, fc2_s, block, d_pad, i_pad = repack_moe(
+            *(constant_value(ep, n) for n in args.routed_operands()), d=d, inter=inter)
+        base = spec_for(ep, args.gate_packed).target.rsplit(".", 1)[0]
+        consts = [add_constant(ep, f"{base}.ort_{n}", t) for n, t in
+                  (("fc1_w", fc1), ("fc1_s", fc1_s), ("fc2_w", fc2), ("fc2_s", fc2_s))]
+        replace_call(graph, node, torch.ops.mote_onnx.moe_block.default,
+                     (args.x, *args.shared, args.shared_expert_gate, args.router, *consts, args.top_k,
+                      args.norm_topk_prob, block, d, inter, d_pad, i_pad))
     for node in list(graph.nodes):
-        if is_op(node, torch.ops.mote.moe_ffn.default):
-            x, sg, su, sd, seg, router, gp, gs, up, us, dp, ds, k, renorm = node.args
-            vals = [constant_value(ep, n) for n in (gp, gs, up, us, dp, ds)]
-            d, inter = x.meta["val"].shape[-1], vals[0].shape[1]
-            fc1, fc1_s, fc2, fc2_s, block, d_pad, i_pad = repack_moe(*vals, d=d, inter=inter)
-            base = spec_for(ep, gp).target.rsplit(".", 1)[0]
-            consts = [add_constant(ep, f"{base}.ort_{n}", t) for n, t in
-                      (("fc1_w", fc1), ("fc1_s", fc1_s), ("fc2_w", fc2), ("fc2_s", fc2_s))]
-            new = call(graph, torch.ops.mote_onnx.moe_block.default,
-                       (x, sg, su, sd, seg, router, *consts, k, renorm, block, d, inter, d_pad, i_pad), node)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            routed_weights += 3 * vals[0].shape[0] * d * inter
-        elif is_op(node, torch.ops.mote.ternary_linear.default):
+        if is_op(node, torch.ops.mote.ternary_linear.default):
             x, packed, scale, k = node.args
             p, s = constant_value(ep, packed), constant_value(ep, scale)
             n_out, k_pad = p.shape[0], padded(k)
             block = block_size(k_pad)
-            codes = _pad_codes(unpack_codes(p, k), n_out, k_pad)
-            b = _pack_codes(codes).reshape(n_out, k_pad // block, block // 4)
-            scales = _block_scales(s.reshape(1, -1) if s.numel() > 1 else s.reshape(1, 1), n_out, n_out, k_pad // block)[0]
+            codes = pad_codes(unpack_codes(p, k), n_out, k_pad)
+            b = pack_codes(codes).reshape(n_out, k_pad // block, block // 4)
+            scales = block_scales(s.reshape(1, -1) if s.numel() > 1 else s.reshape(1, 1), n_out, n_out, k_pad // block)[0]
             base = spec_for(ep, packed).target
             consts = [add_constant(ep, f"{base}.ort_b", b), add_constant(ep, f"{base}.ort_scales", scales)]
-            new = call(graph, torch.ops.mote_onnx.matmul_2bit.default, (x, *consts, k, k_pad, block), node)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_call(graph, node, torch.ops.mote_onnx.matmul_2bit.default, (x, *consts, k, k_pad, block))
         elif is_op(node, torch.ops.mote.unpack_trits.default):
             raise RuntimeError("onnx: an unfused mote.unpack_trits reached the target (the pass pipeline did not run)")
-    graph.eliminate_dead_code()
-    remove_unused_constants(ep)
-    ep.graph_module.recompile()
+    finish_rewrite(ep)
     return routed_weights

@@ -1,0 +1,140 @@
+"""Lowering helpers more than one target needs, written once (the target contract is in `base.py`).
+
+- Reading the fused op: `MoeFfnArgs` (in `passes.ops`) names a `mote.moe_ffn` call's arguments;
+  `moe_nodes` finds them; `routed_expert_weights` counts what a program's routed experts hold.
+- The gathered-top-k decomposition of `mote.moe_ffn` into ATen ops that read only the chosen experts:
+
+      shared  = semantics.shared_expert(x)                              [* sigmoid(w_g x)]
+      p, i    = semantics.route_top_k(W_r x, k)                         [p /= sum p]
+      ids     = the experts some token chose (U <= E of them, U = k at decode)   `chosen_experts`
+      Y[u]    = expert_ids[u](every token), from the gathered weights of those U experts   `grouped_ternary_experts`
+      y_t     = shared_t + sum_u P[u, t] Y[u, t],  P[u, t] = sum_j p[t, j] [i[t, j] = ids[u]]   `gathered_top_k_moe`
+
+  Each chosen expert's weights are read (and decoded) once per call, however long the prompt: memory is bounded by
+  the expert count, not by T x k expert copies. A target supplies how its packed codes are decoded.
+- Padding and block packing of 2-bit codes for block-wise kernels (ONNX Runtime's QMoE / MatMulNBits, and any kernel
+  that wants K a multiple of 32): `padded`, `block_size`, `pad_codes`, `block_scales`, `pack_codes`.
+- `dequantized_experts`: the fp32 weights of the benchmark's fp32-expert baseline.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mote.export import semantics
+from mote.passes.match import is_op
+from mote.passes.ops import ZERO_CODE, MoeFfnArgs, pack_trits, unpack
+from mote.passes.program import constant_value
+
+MIN_BLOCK, MAX_BLOCK = 32, 512   # block sizes of ONNX Runtime's 2-bit kernels that run at full speed (DESIGN.md section 9)
+
+
+# -- reading and replacing the fused op ------------------------------------------------------------------------------
+
+def moe_nodes(ep) -> list[tuple[torch.fx.Node, MoeFfnArgs]]:
+    """The program's mote.moe_ffn nodes with their arguments by name."""
+    return [(n, MoeFfnArgs.of(n)) for n in ep.graph.nodes if is_op(n, torch.ops.mote.moe_ffn.default)]
+
+
+def moe_dims(ep, args: MoeFfnArgs) -> tuple[int, int, int]:
+    """(E experts, hidden size d, expert width I) of one fused block."""
+    experts, width = constant_value(ep, args.gate_packed).shape[:2]
+    return experts, args.x.meta["val"].shape[-1], width
+
+
+def routed_expert_weights(ep) -> int:
+    """The number of routed-expert weights (trits) of the program's mote.moe_ffn ops: 3 matrices of I x d each."""
+    total = 0
+    for _, args in moe_nodes(ep):
+        experts, d, width = moe_dims(ep, args)
+        total += 3 * experts * d * width
+    return total
+
+
+# -- the gathered-top-k decomposition ---------------------------------------------------------------------------------
+
+def chosen_experts(top_i: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """top_i [N, k] -> ids [U] of the experts at least one token chose, ascending (U <= E, data-dependent)."""
+    chosen = (top_i.unsqueeze(-1) == torch.arange(num_experts, device=top_i.device)).flatten(0, 1).any(dim=0)
+    return torch.nonzero(chosen).view(-1)   # (squeeze would disagree with ExecuTorch on the [U, 1] dim order)
+
+
+def gathered_top_k_moe(x, shared, shared_expert_gate, router, num_experts: int, top_k: int, norm_topk_prob: bool,
+                       experts):
+    """shared(x) + sum_u P[u] * Y[u]. `experts(flat, ids)` -> Y [U, N, d]: every token through each chosen expert,
+    reading only those experts' weights."""
+    shared_out = semantics.shared_expert(x, *shared, shared_expert_gate)
+    flat = x.reshape(-1, x.shape[-1])
+    _, top_p, top_i = semantics.route_top_k(F.linear(flat, router), top_k, norm_topk_prob)
+    ids = chosen_experts(top_i, num_experts)
+    # P^T [U, N]: U (data-dependent) stays the leading dim of every tensor, so ExecuTorch can order strides.
+    weight = (top_p.unsqueeze(0) * (top_i.unsqueeze(0) == ids.view(-1, 1, 1)).to(top_p.dtype)).sum(dim=-1)
+    routed = (weight.unsqueeze(-1) * experts(flat, ids)).sum(dim=0)
+    return shared_out + routed.reshape(x.shape)
+
+
+def grouped_bitlinear(q, s_v, trits, scale):
+    """Q8 activations q [N, K] or [U, N, K] (scales s_v [.., N, 1]) through U ternary matrices trits [U, out, K]
+    with scales [U, 1 or out] -> [U, N, out]: (q . T_u^T) * s_v * s_u, the reference's bitlinear per expert."""
+    acc = torch.matmul(q, trits.transpose(1, 2))
+    return acc * s_v * scale.unsqueeze(1)
+
+
+def grouped_ternary_experts(args: MoeFfnArgs, decode):
+    """`experts(flat, ids)` for `gathered_top_k_moe` over the op's packed experts: the reference's ternary expert
+    (DESIGN.md section 1) on the gathered experts. `decode(packed [U, rows, ceil(K/4)], K)` -> trits [U, rows, K] is
+    the target's way of decoding 2-bit codes."""
+    d, width = args.x.shape[-1], args.gate_packed.shape[1]
+    (_, gate_p, gate_s, _), (_, up_p, up_s, _), (_, down_p, down_s, _) = args.projections(d, width)
+
+    def experts(flat, ids):
+        def gathered(packed, scale, k):
+            return decode(torch.index_select(packed, 0, ids), k), torch.index_select(scale, 0, ids)
+
+        q, s_v = semantics.quantize_activations(flat)
+        h = F.silu(grouped_bitlinear(q, s_v, *gathered(gate_p, gate_s, d))) \
+            * grouped_bitlinear(q, s_v, *gathered(up_p, up_s, d))                                  # [U, N, I]
+        return grouped_bitlinear(*semantics.quantize_activations(h), *gathered(down_p, down_s, width))
+
+    return experts
+
+
+def dequantized_experts(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Stacked packed codes [E, rows, ceil(K/4)] and scales [E, 1|rows] -> fp32 weights [E, rows, K]."""
+    return (unpack(packed, k) * scale.unsqueeze(-1)).contiguous()
+
+
+# -- padding and block packing ------------------------------------------------------------------------------------------
+
+def padded(k: int) -> int:
+    """K rounded up to a multiple of MIN_BLOCK (padded inputs and weights are zero, so results are exact)."""
+    return k if k % MIN_BLOCK == 0 else k + (-k) % MIN_BLOCK
+
+
+def block_size(*ks: int) -> int:
+    """The largest power-of-two block in [MIN_BLOCK, MAX_BLOCK] that divides every (padded) K."""
+    b = MAX_BLOCK
+    while any(k % b for k in ks):
+        b //= 2
+    return b
+
+
+def pad_codes(codes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Pad the last two dims of a code tensor with the zero code."""
+    out = torch.full((*codes.shape[:-2], rows, cols), ZERO_CODE, dtype=torch.uint8)
+    out[..., : codes.shape[-2], : codes.shape[-1]] = codes
+    return out
+
+
+def block_scales(scale: torch.Tensor, rows: int, rows_pad: int, n_blocks: int) -> torch.Tensor:
+    """Scales [..., 1 or rows] -> [..., rows_pad, n_blocks] (padded rows get scale 1: their weights are zero)."""
+    lead = scale.shape[:-1]
+    full = scale.expand(*lead, rows) if scale.shape[-1] == 1 else scale
+    out = torch.ones(*lead, rows_pad, n_blocks, dtype=torch.float32)
+    out[..., :rows, :] = full.unsqueeze(-1)
+    return out
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """2-bit codes (trit + 2) [..., K] -> the canonical packed bytes [..., K/4]."""
+    return pack_trits(codes.to(torch.int16) - ZERO_CODE)
