@@ -10,10 +10,12 @@ Adding a target (the guide):
      mutable buffers, `IO` for explicit inputs/outputs), `tolerance` (its numerics bar, DESIGN.md section 6);
    - `Options`: a frozen dataclass subclassing `TargetOptions`. A field declared with `cli_flag(help=...)` becomes a
      flag of `mote-export --target <name>` (and of no other target); the other fields are for programs (the
-     benchmark, tests) and keep their defaults on the command line;
+     benchmark, tests) and keep their defaults on the command line; `for_benchmark()` gives the options
+     `mote-bench` lowers with (default: the defaults);
    - `lower(programs, model, common, options) -> Lowered`: write the artifacts, and read back from what was written
      every fact the report states (`Lowered.facts` is JSON-able data, `notes` / `deviations` are worded from it);
-   - `runner(out_dir, max_seq_len) -> Runner`: the saved artifacts in the target's runtime (see `Runner`);
+   - `runner(out_dir, max_seq_len, threads=None) -> Runner`: the saved artifacts in the target's runtime (see
+     `Runner`), computing with `threads` CPU threads when given (the benchmark's 1 and 2; None: the runtime's default);
    - `routed_expert_storage(out_dir) -> RoutedExpertStorage`: the bytes the artifact spends on routed experts, read
      from the saved files alone (the runtime tests check it against the report);
    - `fp32_experts_supported`: whether `CommonOptions.fp32_experts` (the benchmark's baseline: the same model with
@@ -85,6 +87,11 @@ class TargetOptions:
                                    choices=f.metadata["cli_choices"], help=f.metadata["cli_help"])
 
     @classmethod
+    def for_benchmark(cls):
+        """The options `mote-bench` lowers with: the defaults, unless a target skips what the benchmark does not run."""
+        return cls()
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace):
         return cls(**{f.name: getattr(args, f.name) for f in cls.cli_fields()})
 
@@ -138,7 +145,9 @@ class Target:
     def lower(self, programs: dict, model, common: CommonOptions, options: TargetOptions) -> Lowered:
         raise NotImplementedError  # pragma: no cover - interface
 
-    def runner(self, out_dir: Path, max_seq_len: int) -> Runner:
+    def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None) -> Runner:
+        """`threads`: CPU threads the runtime computes with (None: its default). A runtime whose threadpool is
+        process-wide (ExecuTorch) sets it here for every runner loaded from then on."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:

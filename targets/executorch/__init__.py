@@ -165,8 +165,8 @@ class ExecuTorchTarget(Target):
                        routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=[],
                        notes=render_notes(facts, weights), facts=facts)
 
-    def runner(self, out_dir: Path, max_seq_len: int) -> "PteRunner":
-        return PteRunner(Path(out_dir) / PTE_NAME, max_seq_len)
+    def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None) -> "PteRunner":
+        return PteRunner(Path(out_dir) / PTE_NAME, max_seq_len, threads)
 
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
         return pte_routed_expert_storage(Path(out_dir) / PTE_NAME)
@@ -177,12 +177,24 @@ class ExecuTorchTarget(Target):
         return {"executorch": version("executorch")}
 
 
+def set_threads(threads: int) -> None:
+    """Size ExecuTorch's threadpool (XNNPACK's and the portable kernels' parallel_for). It is process-wide and
+    resizing replaces it ("unsafe" in ExecuTorch's name: methods loaded before may hold the old one), so it is only
+    rebuilt when the count changes, and runners loaded before a change should not run after it."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
 class PteRunner:
     """The `.pte`'s methods in ExecuTorch's runtime; the KV cache is the method's own mutable buffers."""
 
-    def __init__(self, path: Path, max_seq_len: int):
+    def __init__(self, path: Path, max_seq_len: int, threads: int | None = None):
         from executorch.runtime import Runtime
 
+        if threads is not None:
+            set_threads(threads)
         self.program = Runtime.get().load_program(str(path))
         self.max_seq_len = max_seq_len
         self.methods = {}

@@ -154,6 +154,10 @@ class OnnxOptions(TargetOptions):
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD   # bytes of initializers
     ort_size_limit: int = DEFAULT_ORT_SIZE_LIMIT                     # bytes of initializers
 
+    @classmethod
+    def for_benchmark(cls):
+        return cls(ort=False)   # the benchmark runs the .onnx files: no .ort conversion (seconds per model)
+
 
 class OnnxTarget(Target):
     name = "onnx"
@@ -196,9 +200,10 @@ class OnnxTarget(Target):
                        routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=deviations, notes=notes,
                        facts=facts)
 
-    def runner(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx") -> "OrtRunner":
+    def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None,
+               suffix: str = ".onnx") -> "OrtRunner":
         """`suffix=".ort"` runs the ORT-format files instead of the .onnx ones."""
-        return OrtRunner(out_dir, max_seq_len, suffix=suffix)
+        return OrtRunner(out_dir, max_seq_len, suffix=suffix, threads=threads)
 
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
         path = Path(out_dir) / "text_decoder.onnx"
@@ -215,7 +220,7 @@ class OnnxTarget(Target):
 class OrtRunner:
     """The three programs in onnxruntime; the KV cache lives here as numpy arrays fed back step by step."""
 
-    def __init__(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx"):
+    def __init__(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx", threads: int | None = None):
         import onnxruntime as ort
 
         release_memory()   # the sessions' initializers are new mappings: drop what the export left behind first
@@ -225,7 +230,8 @@ class OrtRunner:
         # session.use_env_allocators / no CPU arena / device allocator for initializers changed nothing.
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.intra_op_num_threads = int(os.environ.get("MOTE_ORT_THREADS", "0"))
+        # intra-op threads (sequential execution, the default, runs one node at a time); 0: ORT's default
+        so.intra_op_num_threads = threads if threads is not None else int(os.environ.get("MOTE_ORT_THREADS", "0"))
         self.sessions = {}
         for name in ("vision_encoder", "token_embedding", "text_decoder"):
             path = Path(out_dir) / f"{name}{suffix}"

@@ -1,0 +1,514 @@
+"""`mote-bench --target T`: ternary vs float32 routed experts of the same model, in the target's own runtime.
+
+    mote-bench --target {android,onnx} [--quick] [--json out.json] [--threads 1 2] [--work-dir DIR] [-v]
+
+Every target of the registry is benchmarked the same way, through the target contract only (targets/base.py):
+
+- each random text-only MoTE model (`ModelShape`, top-1) is built at E and 4E routed experts (default 4 and 16) and
+  lowered twice with `target.lower`: the deployable export (`VARIANTS`: "ternary") and the benchmark-only baseline
+  `CommonOptions(fp32_experts=True)` ("fp32": the same experts dequantized to float32, same routing, same runtime),
+  with the target's `Options.for_benchmark()`;
+- size: the artifact (every file `Lowered.artifacts` names) and the routed experts' storage read back from it with
+  `target.routed_expert_storage` (bits per weight = its bytes x 8 / `Lowered.routed_expert_weights`; the JSON also
+  says whether it equals what `lower` reported);
+- latency, for each thread count (default 1 and 2): the text decoders are loaded with `target.runner(out_dir,
+  max_seq_len, threads)` and timed round-robin (`time_interleaved`) so that background load hits all of them alike:
+  prefill (T tokens from input_pos 0) and decode steps (one token, after a prefill) of the whole `text_decoder`,
+  Python call included, medians;
+- ratios, computed from those numbers only: fp32 over ternary (size and latency) and 4E over E (expert-count
+  scaling; top-1 reads one expert per token either way).
+
+Progress goes to stderr, the tables to stdout, `--json` writes everything. `--quick` is the smoke test's setting
+(tiny models, few repeats, numbers meaningless). Timings are reported, never checked. The thread counts are timed
+one after the other (ExecuTorch's threadpool is process-wide), each with freshly loaded runners.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+PROG = "mote-bench"
+# "ternary" is the deployable export; "fp32" the benchmark-only baseline with the same experts dequantized
+VARIANTS = ("ternary", "fp32")
+DEFAULT_THREADS = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A random text-only MoTE (make_random_model.random_config arguments), benchmarked at each routed-expert count."""
+
+    name: str
+    hidden: int
+    expert_intermediate: int
+    intermediate: int          # the shared expert (the backbone's dense FFN, kept fp32)
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 260
+    experts: tuple[int, ...] = (4, 16)   # E and 4E: the expert-count scaling
+    top_k: int = 1
+
+    def config(self, experts: int, max_positions: int) -> dict:
+        from mote.tools.make_random_model import random_config
+
+        return random_config(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
+                             intermediate=self.intermediate, vocab=self.vocab, experts=experts, top_k=self.top_k,
+                             expert_intermediate=self.expert_intermediate, vision=False, max_positions=max_positions)
+
+    def facts(self) -> dict:
+        return {"config": self.name, "hidden": self.hidden, "expert_intermediate": self.expert_intermediate,
+                "shared_intermediate": self.intermediate, "layers": self.layers, "heads": self.heads,
+                "kv_heads": self.kv_heads, "vocab": self.vocab, "top_k": self.top_k}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """The models of one benchmark mode and how they are timed (see `time_interleaved`)."""
+
+    shapes: tuple[ModelShape, ...]
+    max_seq_len: int                 # the static KV cache
+    prefill_len: int                 # timed prefill: T tokens from input_pos 0
+    decode_prefix: int               # untimed prefill before each round of decode steps
+    prefill_warmup: int = 2
+    prefill_repeats: int = 10        # at least; more until each decoder spent min_seconds (or max_prefill_repeats)
+    decode_warmup: int = 5           # untimed steps at the start of each round
+    decode_steps: int = 30           # timed steps per round; more rounds until min_seconds (or max_decode_rounds)
+    min_seconds: float = 0.0         # 0: exactly prefill_repeats prefills and one decode round
+    max_prefill_repeats: int = 200
+    max_decode_rounds: int = 10
+
+    def __post_init__(self):
+        assert self.prefill_len <= self.max_seq_len
+        assert self.last_decode_position < self.max_seq_len, "decode past the cache"
+
+    @property
+    def last_decode_position(self) -> int:
+        return self.decode_prefix + self.decode_warmup + self.decode_steps - 1
+
+    def settings(self) -> dict:
+        return {"max_seq_len": self.max_seq_len, "prefill_len": self.prefill_len,
+                "prefill_warmup": self.prefill_warmup, "prefill_repeats_min": self.prefill_repeats,
+                "decode_prefix": self.decode_prefix, "decode_warmup": self.decode_warmup,
+                "decode_steps_per_round": self.decode_steps, "min_seconds_per_decoder": self.min_seconds,
+                "decode_positions": [self.decode_prefix, self.last_decode_position]}
+
+
+MODES = {
+    # The README's figures: 8 lowerings per target (2 shapes x E, 4E x 2 variants), each thread count timed for >= 1 s
+    # per decoder. On 2 busy cores: onnx 5 min, android 10 min (ExecuTorch's graph passes: 30-60 s per lowering).
+    "default": Mode(shapes=(
+        ModelShape("small (d=256)", hidden=256, expert_intermediate=512, intermediate=512),
+        ModelShape("realistic (d=1024)", hidden=1024, expert_intermediate=1536, intermediate=2816, heads=8,
+                   vocab=1024),
+    ), max_seq_len=128, prefill_len=64, decode_prefix=64, decode_steps=50, min_seconds=1.0),
+    # The smoke test (tests/test_bench_smoke.py): 4 tiny lowerings, fixed small repeat counts, numbers meaningless.
+    "quick": Mode(shapes=(
+        ModelShape("quick (d=64)", hidden=64, expert_intermediate=64, intermediate=128, layers=1, vocab=256,
+                   experts=(2, 8)),
+    ), max_seq_len=16, prefill_len=4, decode_prefix=2, prefill_warmup=1, prefill_repeats=2, decode_warmup=1,
+        decode_steps=3),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+
+class TimedDecoder:
+    """A runner's text_decoder (any target: the `Runner` protocol), driven with random embeddings.
+
+    Decoders built with the same seed get the same inputs, so the two variants of a model route alike."""
+
+    def __init__(self, runner, hidden: int, seed: int):
+        import torch
+
+        self.runner = runner
+        self.gen = torch.Generator().manual_seed(seed)
+        self.hidden = hidden
+        self.pos = 0
+
+    def _run(self, t: int, pos: int) -> float:
+        import torch
+
+        embeds = torch.randn(1, t, self.hidden, generator=self.gen)
+        input_pos = torch.tensor([pos], dtype=torch.long)
+        t0 = time.perf_counter()
+        self.runner.text_decoder(embeds, input_pos)
+        return time.perf_counter() - t0
+
+    def prefill(self, t: int) -> float:
+        """T tokens from position 0: cache rows 0..T-1 are written, later ones masked, whatever the cache held."""
+        return self._run(t, 0)
+
+    def start_decode(self, prefix: int) -> None:
+        self.runner.reset()          # an empty KV cache (not timed)
+        self._run(prefix, 0)
+        self.pos = prefix
+
+    def decode_step(self) -> float:
+        dt = self._run(1, self.pos)
+        self.pos += 1
+        return dt
+
+
+def time_interleaved(decoders: dict, mode: Mode) -> dict:
+    """Prefill and decode-step latencies (ms: median and min, and the sample count) per decoder.
+
+    A decoder has `prefill(t) -> seconds`, `start_decode(prefix)` and `decode_step() -> seconds`. The decoders are
+    timed round-robin so that background load hits them alike. Prefill: at least `prefill_repeats` samples, more (up
+    to `max_prefill_repeats`) until every decoder has spent `min_seconds`. Decode: rounds of an untimed
+    `decode_prefix`-token prefill then `decode_warmup` untimed + `decode_steps` timed steps (the positions must stay
+    inside the static cache), at least one round, more (up to `max_decode_rounds`) likewise.
+    """
+    prefill = {k: [] for k in decoders}
+    for _ in range(mode.prefill_warmup):
+        for d in decoders.values():
+            d.prefill(mode.prefill_len)
+    while True:
+        for k, d in decoders.items():
+            prefill[k].append(d.prefill(mode.prefill_len))
+        n = len(next(iter(prefill.values())))
+        if n >= mode.max_prefill_repeats or (
+                n >= mode.prefill_repeats and min(sum(v) for v in prefill.values()) >= mode.min_seconds):
+            break
+    decode = {k: [] for k in decoders}
+    for _ in range(mode.max_decode_rounds):
+        for d in decoders.values():
+            d.start_decode(mode.decode_prefix)
+        for s in range(mode.decode_warmup + mode.decode_steps):
+            for k, d in decoders.items():
+                dt = d.decode_step()
+                if s >= mode.decode_warmup:
+                    decode[k].append(dt)
+        if min(sum(v) for v in decode.values()) >= mode.min_seconds:
+            break
+
+    def stats(samples: list[float], what: str) -> dict:
+        return {f"{what}_ms": 1e3 * statistics.median(samples), f"{what}_min_ms": 1e3 * min(samples),
+                f"{what}_samples": len(samples)}
+
+    return {k: {**stats(prefill[k], "prefill"), **stats(decode[k], "decode")} for k in decoders}
+
+
+# --------------------------------------------------------------------------------------------------------- ratios
+
+def size_ratios(row: dict) -> None:
+    """fp32 over ternary, for the sizes of a row (both variants' facts are in it)."""
+    t, f = row["ternary"], row["fp32"]
+    row["bits_ratio_fp32_over_ternary"] = f["bits_per_weight"] / t["bits_per_weight"]
+    row["routed_expert_bytes_ratio_fp32_over_ternary"] = f["routed_expert_bytes"] / t["routed_expert_bytes"]
+    row["artifact_bytes_ratio_fp32_over_ternary"] = f["artifact_bytes"] / t["artifact_bytes"]
+
+
+def latency_entry(threads: int, ternary: dict, fp32: dict) -> dict:
+    """One thread count's latencies of a row's two variants, and their fp32 over ternary ratios."""
+    return {"threads": threads, "ternary": ternary, "fp32": fp32,
+            "prefill_ratio_fp32_over_ternary": fp32["prefill_ms"] / ternary["prefill_ms"],
+            "decode_ratio_fp32_over_ternary": fp32["decode_ms"] / ternary["decode_ms"]}
+
+
+def expert_scaling_rows(rows: list[dict]) -> list[dict]:
+    """Per configuration benchmarked at several expert counts, variant and thread count: largest E over smallest."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["experts"])
+        if len(mine) < 2:
+            continue
+        small, big = mine[0], mine[-1]
+        for variant in VARIANTS:
+            s, b = small[variant], big[variant]
+            sizes = {"routed_expert_bytes_ratio": b["routed_expert_bytes"] / s["routed_expert_bytes"],
+                     "artifact_bytes_ratio": b["artifact_bytes"] / s["artifact_bytes"]}
+            for ls, lb in zip(small["latency"], big["latency"]):
+                assert ls["threads"] == lb["threads"]
+                ts, tb = ls[variant], lb[variant]
+                out.append({"config": config, "variant": variant, "threads": ls["threads"],
+                            "experts": small["experts"], "experts_scaled": big["experts"], "top_k": small["top_k"],
+                            "decode_ms": ts["decode_ms"], "decode_ms_scaled": tb["decode_ms"],
+                            "decode_ratio": tb["decode_ms"] / ts["decode_ms"],
+                            "prefill_ms": ts["prefill_ms"], "prefill_ms_scaled": tb["prefill_ms"],
+                            "prefill_ratio": tb["prefill_ms"] / ts["prefill_ms"], **sizes})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ benchmark
+
+def lower(target, model, variant: str, max_seq_len: int, out_dir: Path):
+    """torch.export + the pass pipeline + `target.lower` (every program of the text-only model), as mote-export
+    does, without verification. Each variant exports its own (deterministic) programs: lower() rewrites them."""
+    from mote.export.programs import export_programs
+    from mote.passes.pipeline import run_pipeline
+    from mote.targets import CommonOptions
+
+    programs = export_programs(model, max_seq_len, target.kv_style)
+    programs, _ = run_pipeline(programs, model.config.moe.moe_layers, verify=False)
+    common = CommonOptions(model_dir=None, out_dir=out_dir, max_seq_len=max_seq_len, verify=False,
+                           fp32_experts=variant == "fp32")
+    return target.lower(programs, model, common, target.Options.for_benchmark())
+
+
+def variant_facts(target, lowered, out_dir: Path, lower_s: float) -> dict:
+    """Size of what `lower` wrote, the routed experts' storage read back from the artifact by the target."""
+    storage = target.routed_expert_storage(out_dir)
+    n = lowered.routed_expert_weights
+    files = {str(p.relative_to(out_dir)): p.stat().st_size for p in lowered.artifacts}
+    return {"artifacts": files, "artifact_bytes": sum(files.values()),
+            "routed_expert_weights": n, "routed_expert_bytes": storage.bytes,
+            "routed_expert_tensors": storage.tensors, "routed_expert_where": storage.where,
+            "bits_per_weight": storage.bytes * 8 / n,
+            # what lower() reported (report.json's figure) against what the artifact holds
+            "reported_routed_expert_bytes": lowered.routed_expert_bytes,
+            "reported_matches_artifact": lowered.routed_expert_bytes == storage.bytes,
+            "deviations": list(lowered.deviations), "lower_s": round(lower_s, 1)}
+
+
+def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...], work: Path, log) -> list[dict]:
+    """Lower each expert count x variant, then per thread count time all their decoders together."""
+    from mote.targets import quiet_toolchain
+    from mote.tools.make_random_model import random_model
+
+    rows, out_dirs = [], {}
+    for experts in shape.experts:
+        model = random_model(shape.config(experts, mode.max_seq_len), seed=0)
+        row = {**shape.facts(), "experts": experts, "parameters": model.config.parameter_count()}
+        for variant in VARIANTS:
+            out = Path(tempfile.mkdtemp(prefix=f"{variant}-E{experts}-", dir=work))
+            t0 = time.perf_counter()
+            with quiet_toolchain():
+                lowered = lower(target, model, variant, mode.max_seq_len, out)
+            row[variant] = variant_facts(target, lowered, out, time.perf_counter() - t0)
+            del lowered
+            f = row[variant]
+            log(f"{shape.name} E={experts} {variant}: lowered in {f['lower_s']:.1f} s, {f['artifact_bytes'] / 1e6:.2f}"
+                f" MB, routed experts {f['bits_per_weight']:.4f} bits/weight")
+            out_dirs[(experts, variant)] = out
+        del model
+        gc.collect()
+        size_ratios(row)
+        row["latency"] = []
+        rows.append(row)
+    for n in threads:
+        log(f"{shape.name}: timing {len(out_dirs)} decoders with {n} thread(s) (prefill T={mode.prefill_len}, "
+            f"decode rounds of {mode.decode_steps} steps, >= {mode.min_seconds} s each)")
+        # same seed for both variants of an expert count: the same input embeddings, so the same routing
+        decoders = {key: TimedDecoder(target.runner(out, mode.max_seq_len, threads=n), shape.hidden, seed=key[0])
+                    for key, out in out_dirs.items()}
+        times = time_interleaved(decoders, mode)
+        del decoders          # released before the next thread count loads its own (ExecuTorch: one threadpool)
+        gc.collect()
+        for row in rows:
+            e = row["experts"]
+            row["latency"].append(latency_entry(n, times[(e, "ternary")], times[(e, "fp32")]))
+    return rows
+
+
+def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, ...] = DEFAULT_THREADS,
+                  work_dir: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """The whole benchmark of one target: a JSON-able dict with `target`, `settings`, `rows`, `scaling`, `notes`."""
+    from mote.targets import get_target
+
+    log = log or (lambda msg: None)
+    target = get_target(target_name)
+    if not target.fp32_experts_supported:
+        raise ValueError(f"target {target_name} cannot lower the fp32-expert baseline (Target.fp32_experts_supported)")
+    m = MODES[mode]
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
+        for shape in m.shapes:
+            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log)
+    import torch
+
+    settings = {"mode": mode, "threads": list(threads),
+                "options": target.Options.for_benchmark().as_dict(),
+                "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             **target.runtime_versions()},
+                "machine": platform.machine(), "cpus": os.cpu_count(), **m.settings(),
+                "wall_s": round(time.perf_counter() - started, 1),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return {"target": target_name, "settings": settings, "rows": rows, "scaling": expert_scaling_rows(rows),
+            "notes": notes(target_name, m, rows)}
+
+
+def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
+    out = [
+        "fp32 = the same model with its ternary routed experts dequantized to float32 (CommonOptions.fp32_experts), "
+        "same router, attention, shared expert and lm head, same runtime: only the routed experts differ",
+        "bits/w = routed-expert storage (codes + scales) read back from the artifact (target.routed_expert_storage) "
+        "x 8 / routed-expert weights; experts MB = that storage; artifact MB = every file target.lower wrote",
+        f"latency: median of the whole text_decoder through target.runner (Python call included); prefill = "
+        f"{m.prefill_len} tokens from input_pos 0 (>= {m.prefill_repeats} runs after {m.prefill_warmup} warm-up); "
+        f"decode = one token per step at positions {m.decode_prefix}..{m.last_decode_position} after a "
+        f"{m.decode_prefix}-token prefill (first {m.decode_warmup} steps of each round not timed)"
+        + (f", rounds repeated until >= {m.min_seconds} s per decoder" if m.min_seconds else "")
+        + f"; static KV cache of {m.max_seq_len}; all decoders of a model timed round-robin, one thread count "
+          "after the other",
+    ]
+    # the targets' own words on where their kernels depart from the reference (report.json's deviations)
+    for variant in VARIANTS:
+        for d in dict.fromkeys(d for r in rows for d in r[variant]["deviations"]):
+            out.append(f"{target_name} {variant} export: {d}")
+    if not all(r[v]["reported_matches_artifact"] for r in rows for v in VARIANTS):
+        out.append("the routed-expert bytes target.lower reported differ from those read back from the artifact "
+                   "(JSON: reported_routed_expert_bytes)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- table
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of a fixed-width text table; cells are `format(value(record), fmt)` padded to `width`."""
+
+    header: str
+    width: int
+    value: Callable[[dict], object]
+    fmt: str = ""
+    left: bool = False           # left-aligned (names), else right-aligned (numbers)
+
+    def pad(self, text: str) -> str:
+        return f"{text:{'<' if self.left else '>'}{self.width}}"
+
+
+# between column groups; a column of its own so that header and cells line up
+SEPARATOR = Column("|", 1, lambda _: "|")
+
+
+def table_lines(columns: list[Column], records: list[dict]) -> list[str]:
+    header = " ".join(c.pad(c.header) for c in columns)
+    return [header, "-" * len(header)] + [" ".join(c.pad(format(c.value(r), c.fmt)) for c in columns)
+                                          for r in records]
+
+
+def _mb(key: str) -> Callable[[dict], float]:
+    return lambda v: v[key] / 1e6
+
+
+def _triple(header: str, width: int, value: Callable[[dict], float], fmt: str, ratio_key: str) -> list[Column]:
+    """ternary, fp32 and the fp32 / ternary ratio of one quantity."""
+    return [Column(header, width, lambda r: value(r["ternary"]), fmt),
+            Column("fp32", 8, lambda r: value(r["fp32"]), fmt),
+            Column("x", 6, lambda r: r[ratio_key], ".2f")]
+
+
+NAME_WIDTH = 20
+SIZE_COLUMNS = [
+    Column("size", NAME_WIDTH, lambda r: r["config"], left=True),
+    Column("E", 3, lambda r: r["experts"]),
+    SEPARATOR, *_triple("bits/w tern", 11, lambda v: v["bits_per_weight"], ".4f", "bits_ratio_fp32_over_ternary"),
+    SEPARATOR, *_triple("experts MB tern", 15, _mb("routed_expert_bytes"), ".2f",
+                        "routed_expert_bytes_ratio_fp32_over_ternary"),
+    SEPARATOR, *_triple("artifact MB tern", 16, _mb("artifact_bytes"), ".2f", "artifact_bytes_ratio_fp32_over_ternary"),
+]
+LATENCY_COLUMNS = [
+    Column("latency", NAME_WIDTH, lambda r: r["config"], left=True),
+    Column("E", 3, lambda r: r["experts"]),
+    Column("thr", 3, lambda r: r["threads"]),
+    SEPARATOR, *_triple("prefill ms tern", 15, lambda v: v["prefill_ms"], ".3f", "prefill_ratio_fp32_over_ternary"),
+    SEPARATOR, *_triple("decode ms tern", 14, lambda v: v["decode_ms"], ".3f", "decode_ratio_fp32_over_ternary"),
+]
+SCALING_COLUMNS = [
+    Column("expert-count scaling", NAME_WIDTH, lambda s: s["config"], left=True),
+    Column("variant", 7, lambda s: s["variant"], left=True),
+    Column("thr", 3, lambda s: s["threads"]),
+    Column("E -> 4E", 8, lambda s: f"{s['experts']} -> {s['experts_scaled']}"),
+    SEPARATOR,
+    Column("decode ms E", 11, lambda s: s["decode_ms"], ".3f"),
+    Column("4E", 8, lambda s: s["decode_ms_scaled"], ".3f"),
+    Column("4E/E", 6, lambda s: s["decode_ratio"], ".2f"),
+    SEPARATOR,
+    Column("prefill ms E", 12, lambda s: s["prefill_ms"], ".3f"),
+    Column("4E", 8, lambda s: s["prefill_ms_scaled"], ".3f"),
+    Column("4E/E", 6, lambda s: s["prefill_ratio"], ".2f"),
+    SEPARATOR,
+    Column("experts MB 4E/E", 15, lambda s: s["routed_expert_bytes_ratio"], ".2f"),
+    Column("artifact 4E/E", 13, lambda s: s["artifact_bytes_ratio"], ".2f"),
+]
+
+
+def latency_records(rows: list[dict]) -> list[dict]:
+    """One record per row and thread count (the latency table's lines)."""
+    return [{"config": r["config"], "experts": r["experts"], **entry} for r in rows for entry in r["latency"]]
+
+
+def format_table(result: dict) -> str:
+    """The same tables for every target: sizes, latencies, expert-count scaling, then the models, environment, notes."""
+    st, rows = result["settings"], result["rows"]
+    lines = [f"{PROG} --target {result['target']} ({st['mode']} mode): ternary vs fp32 routed experts, same model, "
+             "same runtime (x = fp32 / ternary, > 1: ternary smaller / faster)", ""]
+    lines += table_lines(SIZE_COLUMNS, rows) + [""]
+    lines += table_lines(LATENCY_COLUMNS, latency_records(rows))
+    if result["scaling"]:
+        lines += [""] + table_lines(SCALING_COLUMNS, result["scaling"])
+    lines.append("")
+    shapes = dict.fromkeys((r["config"], r["hidden"], r["expert_intermediate"], r["shared_intermediate"], r["layers"],
+                            r["heads"], r["kv_heads"], r["vocab"], r["top_k"]) for r in rows)
+    lines += [f"model {c}: hidden {d}, expert intermediate {ie}, shared intermediate {i}, {n} layers, {h} heads "
+              f"({kv} kv), vocab {v}, top-{k}" for c, d, ie, i, n, h, kv, v, k in shapes]
+    versions = ", ".join(f"{k} {v}" for k, v in st["versions"].items())
+    before, after = st["load_average_1min"]
+    lines.append(f"{versions}; {st['machine']}, {st['cpus']} CPUs; threads {', '.join(map(str, st['threads']))}; "
+                 f"wall time {st['wall_s']} s; 1-min load average {before} before, {after} after")
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    from mote.targets import REGISTRY
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
+    ap.add_argument("--target", required=True, choices=sorted(REGISTRY))
+    ap.add_argument("--quick", action="store_true", help="the smoke test's setting: tiny models, few repeats "
+                                                         "(numbers meaningless)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--threads", type=int, nargs="+", default=list(DEFAULT_THREADS),
+                    help="CPU thread counts to time, one after the other (default: 1 2)")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="where the artifacts are lowered (a temporary folder in it, removed at the end; "
+                         "default: the system's temporary directory)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show the toolchains' own output")
+    args = ap.parse_args(argv)
+    if min(args.threads) < 1:
+        ap.error("--threads: counts of 1 or more")
+    return args
+
+
+def main(argv=None) -> int:
+    from mote.tools.console import captured_toolchain_output
+
+    args = parse_args(argv)
+    with captured_toolchain_output(enabled=not args.verbose) as capture:
+        def log(msg: str) -> None:
+            print(f"{PROG}: {msg}", file=capture.stderr, flush=True)
+
+        try:
+            result = run_benchmark(args.target, "quick" if args.quick else "default", tuple(args.threads),
+                                   work_dir=args.work_dir, log=log)
+            error = None
+        except Exception as e:   # one line, the toolchains' output saved aside (-v: the traceback)
+            if args.verbose:
+                raise
+            error = e
+    if error is not None:
+        saved = capture.save(PROG)
+        print(f"{PROG}: error: {type(error).__name__}: {error}" + (f" (toolchain output: {saved})" if saved else ""),
+              file=sys.stderr)
+        return 1
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
