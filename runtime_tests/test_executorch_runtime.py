@@ -1,51 +1,48 @@
-"""android target: the .pte runs in ExecuTorch's runtime (executorch.runtime) and is checked against PyTorch."""
-import json
-from pathlib import Path
-
+"""android target, what only a `.pte` has: the runner constant methods, ExecuTorch's own C++ MultimodalRunner, the
+file's constants and delegates as the flatbuffer stores them. Everything every target must do (verification,
+captions, KV cache, atomic failure, determinism, storage figure) is in test_targets.py; the exports are shared
+with it (runtime_tests/conftest.py)."""
 import pytest
-import torch
 
 from mote.export.generate import EagerRunner, greedy_generate
 from mote.export.images import load_pixel_values
-from mote.export.loader import load_model, save_model
+from mote.export.loader import load_model
 from mote.export.tokenizer import require_tokenizer
 from mote.targets import get_target
-from mote.tools import cli
-from mote.tools.make_random_model import random_config, random_model, write_qwen2_moe
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-mote"
-MIN_SQNR_DB = 60.0   # exact reference semantics in fp32 (DESIGN.md 6)
 
 
-def _export(model_dir, out, *extra):
-    assert cli.main(["--target", "android", str(model_dir), "-o", str(out), "--quiet", *extra]) == 0
-    return json.loads((out / "report.json").read_text())
+def _numel(sizes):
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
 
 
-def _check_report(report):
-    assert report["verify"] == "passed"
-    for program, stats in report["numerics"].items():
-        assert stats["sqnr_db"] >= MIN_SQNR_DB, program
-    assert report["numerics"]["text_decoder"]["greedy_match"] == "32/32"
+def _pte_program(path):
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    return deserialize_pte_binary(path.read_bytes()).program
 
 
-def test_random_model_top2_per_channel_odd_widths(tmp_path):
-    d = tmp_path / "model"
-    model = random_model(random_config(hidden=80, intermediate=112, expert_intermediate=72, top_k=2,
-                                       norm_topk_prob=True, per_channel=True, experts=3), 21)
-    save_model(model, d)
-    out = tmp_path / "android"
-    report = _export(d, out)
-    _check_report(report)
+def _pte_constants(path):
+    """{method: [(scalar type, sizes)]} of the constant tensors stored in a .pte (read back from the file)."""
+    return {plan.name: [(int(v.val.scalar_type), list(v.val.sizes)) for v in plan.values
+                        if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx > 0]
+            for plan in _pte_program(path).execution_plan}
+
+
+def test_routed_experts_are_2_bit_codes_in_the_pte(odd):
+    """Odd widths, top-2, per-channel scales: the decoder's routed experts are stored as uint8 [E, rows, K/4] codes
+    and nothing else holds a float copy of them; the constants live in the .pte's own segments (no .ptd)."""
+    out, report = odd.export("android")
     assert [a["path"] for a in report["artifacts"]] == ["model.pte"]
-    # constants live in the .pte's own segments (no .ptd): the parts read back add up to the file
     st = report["facts"]["storage"]
     assert st["external_data_files"] == [] and st["file_bytes"] == (out / "model.pte").stat().st_size
     parts = st["flatbuffer_bytes"] + st["constant_segment_bytes"] + st["named_data_bytes"] + st["delegate_payload_bytes"]
     assert 0 <= st["file_bytes"] - parts <= (st["segments"] + 1) * 16384   # only segment alignment padding
     # 2-bit codes + per-channel fp32 scales: 2 + 32 * (rows) / (rows * K) bits, K in {80, 72}
     assert 2.0 <= report["routed_expert_bits_per_weight"] <= 2.5
-    cfg = model.config
+    cfg = load_model(odd.model_dir).config
     e, i, dm = cfg.moe.num_experts, cfg.moe.expert_intermediate_size, cfg.hidden_size
     consts = _pte_constants(out / "model.pte")["text_decoder"]
     packed = sorted(tuple(sizes) for dtype, sizes in consts if dtype == 0)   # uint8
@@ -57,86 +54,36 @@ def test_random_model_top2_per_channel_odd_widths(tmp_path):
     assert sum(_numel(s) for s in packed) * 8 / routed == pytest.approx(2.0, abs=0.05)
 
 
-def _numel(sizes):
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
+def test_example_routed_experts_take_at_most_2_1_bits(example):
+    """Per-tensor scales at the example's widths: the codes and next to nothing else."""
+    _, report = example.export("android")
+    assert report["routed_expert_bits_per_weight"] <= 2.1
 
 
-def _pte_constants(path):
-    """{method: [(scalar type, sizes)]} of the constant tensors stored in a .pte (read back from the file)."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    program = deserialize_pte_binary(path.read_bytes()).program
-    return {plan.name: [(int(v.val.scalar_type), list(v.val.sizes)) for v in plan.values
-                        if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx > 0]
-            for plan in program.execution_plan}
-
-
-def test_runner_constant_methods(tmp_path):
-    d = tmp_path / "model"
-    model = random_model(random_config(), 22)
-    save_model(model, d)
-    out = tmp_path / "android"
-    _export(d, out, "--max-seq-len", "48", "--no-verify")
-    runner = get_target("android").runner(out, 48)
-    cfg = model.config
-    expected = {"get_max_seq_len": 48, "get_max_context_len": 48, "use_kv_cache": True,
+def test_runner_constant_methods(odd):
+    """What ExecuTorch's LLM runners read from the .pte: cache length (the --max-seq-len given, not the default),
+    BOS, vocabulary, layers, and the three programs beside them."""
+    out, _ = odd.export("android")
+    runner = get_target("android").runner(out, odd.max_seq_len)
+    cfg = load_model(odd.model_dir).config
+    expected = {"get_max_seq_len": odd.max_seq_len, "get_max_context_len": odd.max_seq_len, "use_kv_cache": True,
                 "enable_dynamic_shape": True, "get_bos_id": cfg.bos_token_id, "get_vocab_size": cfg.vocab_size,
                 "get_n_layers": cfg.num_hidden_layers}
+    assert odd.max_seq_len != 128
     for name, value in expected.items():
         assert runner.constant(name) == value, name
     assert set(runner.program.method_names) >= {"vision_encoder", "token_embedding", "text_decoder", "get_eos_ids"}
-    # prefill + decode through the .pte's own KV cache equals the reference, and reset() empties the cache
-    ref = EagerRunner(model, 48)
-    x = torch.randn(1, 6, cfg.hidden_size)
-    for _ in range(2):
-        runner.reset()
-        ref.reset()
-        a = runner.text_decoder(x[:, :5], torch.tensor([0]))
-        b = runner.text_decoder(x[:, 5:], torch.tensor([5]))
-        torch.testing.assert_close(a, ref.text_decoder(x[:, :5], torch.tensor([0])), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(b, ref.text_decoder(x[:, 5:], torch.tensor([5])), rtol=1e-4, atol=1e-4)
 
 
-def test_qwen2_moe_layout(tmp_path):
-    d = tmp_path / "qwen"
-    write_qwen2_moe(random_model(random_config(top_k=2, shared_expert_gate=True, vision=False), 23), d, True)
-    _check_report(_export(d, tmp_path / "android"))
-
-
-@pytest.mark.skipif(not (EXAMPLE / "config.json").is_file(), reason="example model not trained yet")
-def test_example_exports_verifies_and_captions(tmp_path):
-    out = tmp_path / "android"
-    report = _export(EXAMPLE, out)
-    _check_report(report)
-    assert report["routed_expert_bits_per_weight"] <= 2.1
-    model = load_model(EXAMPLE)
-    sample = json.loads((EXAMPLE / "sample.json").read_text())
-    pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
-    tokenizer = require_tokenizer(out, model.config)
-    prompt = tokenizer.prompt((EXAMPLE / "prompt.txt").read_text().strip(), with_image=True)
-    tokens, _ = greedy_generate(get_target("android").runner(out, report["max_seq_len"]), prompt.ids,
-                                pixel_values, 64, prompt.special)
-    caption = tokenizer.decode(tokens)
-    assert sample["color"] in caption and sample["shape"] in caption
-    ref_tokens, _ = greedy_generate(EagerRunner(model, report["max_seq_len"]), prompt.ids, pixel_values, 64,
-                                    prompt.special)
-    assert tokens == ref_tokens
-
-
-@pytest.mark.skipif(not (EXAMPLE / "config.json").is_file(), reason="example model not trained yet")
-def test_executorch_multimodal_runner_captions_the_sample(tmp_path):
+def test_executorch_multimodal_runner_captions_the_sample(example):
     """ExecuTorch's own C++ MultimodalRunner loads the .pte (+ tokenizer.json) and captions like our runner does."""
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
     from executorch.extension.llm.runner import make_token_input
 
-    out = tmp_path / "android"
-    report = _export(EXAMPLE, out, "--no-verify")
-    model = load_model(EXAMPLE)
-    pixel_values = load_pixel_values(EXAMPLE / "sample.png", EXAMPLE, model.config)
-    prompt = (EXAMPLE / "prompt.txt").read_text().strip()
+    out, report = example.export("android")
+    model = load_model(example.model_dir)
+    pixel_values = load_pixel_values(example.model_dir / "sample.png", example.model_dir, model.config)
+    prompt = (example.model_dir / "prompt.txt").read_text().strip()
     runner = MultimodalRunner(str(out / "model.pte"), str(out / "tokenizer.json"))
     config = GenerationConfig()
     config.max_new_tokens, config.echo, config.temperature = 48, False, 0.0
@@ -149,3 +96,16 @@ def test_executorch_multimodal_runner_captions_the_sample(tmp_path):
                               tokenized.special)
     expected = tokenizer.decode(ours)
     assert "".join(pieces).startswith(expected[:32]) and len(expected) >= 32
+
+
+def test_delegation_read_back_from_the_pte(odd):
+    """XNNPACK runs the vision encoder's and the decoder's dense parts (delegate blobs in the file), the embedding
+    gather stays a portable op; the report's delegation counts are the file's own."""
+    out, report = odd.export("android")
+    plans = {plan.name: plan for plan in _pte_program(out / "model.pte").execution_plan}
+    for method in ("vision_encoder", "token_embedding", "text_decoder"):
+        ids = [d.id for d in plans[method].delegates]
+        assert set(ids) <= {"XnnpackBackend"}, method
+        assert len(ids) == report["facts"]["delegation"][method]["xnnpack_delegates"], method
+    assert plans["vision_encoder"].delegates and plans["text_decoder"].delegates
+    assert [o.name for o in plans["token_embedding"].operators] == ["aten::embedding"]

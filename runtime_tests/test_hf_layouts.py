@@ -17,6 +17,7 @@ import torch
 from mote.export import semantics
 from mote.export.loader import load_model
 from mote.export.verify import sqnr_db
+from mote.targets import REGISTRY, get_target
 from mote.tools import cli, run
 from mote.tools.make_hf_model import write_hf_model
 
@@ -27,7 +28,6 @@ LAYOUTS = {   # layout -> routing (top-2 with renormalisation on one of them)
     "llava_clip": dict(num_experts_per_tok=1),
     "llava_siglip": dict(num_experts_per_tok=2, norm_topk_prob=True),
 }
-MIN_SQNR_DB = {"onnx": 35.0, "android": 60.0}     # DESIGN.md section 6 (onnx: QMoE's declared deviation)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_reference_is_transformers_on_these_directories(ternary_dirs, monkeypatc
         assert sqnr_db(ref(input_ids=ids).logits, ours.forward_full(ours.embed(ids))) >= 80.0
 
 
-@pytest.mark.parametrize("target", ["onnx", "android"])
+@pytest.mark.parametrize("target", sorted(REGISTRY))   # every registered target, as in test_targets.py
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_hf_directory_exports_and_verifies(ternary_dirs, tmp_path, layout, target):
     d = ternary_dirs[layout]
@@ -71,7 +71,7 @@ def test_hf_directory_exports_and_verifies(ternary_dirs, tmp_path, layout, targe
     programs = {"token_embedding", "text_decoder"} | ({"vision_encoder"} if layout != "qwen2_moe" else set())
     assert set(report["numerics"]) == programs
     for name in programs:
-        assert report["numerics"][name]["sqnr_db"] >= MIN_SQNR_DB[target], name
+        assert report["numerics"][name]["sqnr_db"] >= get_target(target).tolerance.min_sqnr_db, name
     m, n = report["numerics"]["text_decoder"]["greedy_match"].split("/")
     assert m == n and int(n) > 1
     # The directory's own files travel with the artifacts, verbatim.

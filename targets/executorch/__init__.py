@@ -191,13 +191,10 @@ class PteRunner:
     """The `.pte`'s methods in ExecuTorch's runtime; the KV cache is the method's own mutable buffers."""
 
     def __init__(self, path: Path, max_seq_len: int, threads: int | None = None):
-        from executorch.runtime import Runtime
-
         if threads is not None:
             set_threads(threads)
-        self.program = Runtime.get().load_program(str(path))
-        self.max_seq_len = max_seq_len
-        self.methods = {}
+        self.path, self.max_seq_len = Path(path), max_seq_len
+        self.program, self.methods, self.cache_written = None, {}, True
         self.reset()
 
     def _method(self, name):
@@ -206,8 +203,16 @@ class PteRunner:
         return self.methods[name]
 
     def reset(self):
-        # A freshly loaded method starts with a zeroed KV cache.
-        self.methods.pop("text_decoder", None)
+        """An empty KV cache. ExecuTorch's Program caches the methods it loads, and with them their memory (the KV
+        cache is the decoder's mutable buffers): a method loaded again still holds the previous sequence. A newly
+        loaded Program starts from zeroed memory, so reset loads one, only when the decoder ran since the last."""
+        from executorch.runtime import Runtime
+
+        if self.cache_written:
+            self.methods = {}
+            self.program = None       # the old program's memory goes before the new one is claimed
+            self.program = Runtime.get().load_program(str(self.path))
+            self.cache_written = False
 
     def vision_encoder(self, pixel_values):
         return self._method("vision_encoder").execute([pixel_values])[0]
@@ -216,6 +221,7 @@ class PteRunner:
         return self._method("token_embedding").execute([tokens])[0]
 
     def text_decoder(self, embeds, input_pos):
+        self.cache_written = True
         return self._method("text_decoder").execute([embeds.contiguous(), input_pos])[0]
 
     def constant(self, name):

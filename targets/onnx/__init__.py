@@ -119,7 +119,8 @@ def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[
     """ORT Mobile format next to each .onnx (com.microsoft ops included); the .ort holds the weights inline.
 
     The converter runs in a child process with address-space randomisation off: ORT's flatbuffer writer orders
-    some tables by pointer, so with ASLR the same model gives differently ordered (equally valid) .ort bytes.
+    some tables by pointer, so with ASLR (or another heap layout) the same model gives differently ordered (equally
+    valid) .ort bytes.
     External data files are linked beside the models (their locations are relative to the .onnx).
     """
     if not onnx_paths:
@@ -129,11 +130,13 @@ def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[
     try:
         for p in [*onnx_paths, *data_paths]:
             (work / p.name).symlink_to(p.resolve())
-        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
+        # Run from inside the work folder on ".", so that neither the command line nor the paths the converter
+        # builds depend on where the output goes (their lengths shift the heap, and with it that table order).
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ".",
                "--optimization_style", "Fixed"]
         if shutil.which("setarch"):
             cmd = ["setarch", platform.machine(), "-R", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         if proc.returncode != 0:
             raise RuntimeError(f"onnx: .ort conversion failed: {proc.stderr.strip().splitlines()[-1:]}")
         out = []
