@@ -2,13 +2,19 @@
 computing what the .onnx does, the portable (standard ops only) variant, the fp32-expert baseline. Everything every
 target must do (verification, captions, KV cache, atomic failure, determinism, storage figure) is in
 test_targets.py; the exports are shared with it (runtime_tests/conftest.py)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from mote.export.loader import load_model
 from mote.targets import CommonOptions, get_target
+from mote.targets.onnx.ort_format import write_canonical_ort
 
 
 def _routed_bits_in_artifact(onnx_path, model):
@@ -57,6 +63,36 @@ def test_ort_file_matches_onnx_file(odd):
     x = torch.randn(1, 5, load_model(odd.model_dir).config.hidden_size, generator=gen)
     pos = torch.tensor([0])
     assert np.allclose(a.text_decoder(x, pos).numpy(), b.text_decoder(x, pos).numpy(), atol=1e-6)
+
+
+def test_ort_bytes_do_not_depend_on_the_converters_heap(example, tmp_path):
+    """ORT's converter writes its kernel-type-string resolver in hash-map order, which follows heap addresses: run
+    as a plain child process (address-space randomisation on, as on most machines), the same .onnx converts to
+    differently ordered bytes. The rewritten files are identical to each other and to the exported .ort, and load in
+    ORT with the same outputs."""
+    out, _ = example.export("onnx")
+    raw = []
+    for i in range(3):
+        work = tmp_path / f"run{i}"
+        work.mkdir()
+        (work / "text_decoder.onnx").symlink_to(out / "text_decoder.onnx")
+        subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
+                        "--optimization_style", "Fixed"], check=True, capture_output=True)
+        raw.append(work / "text_decoder.ort")
+    if Path("/proc/sys/kernel/randomize_va_space").read_text().strip() != "0":
+        assert len({p.read_bytes() for p in raw}) > 1   # the converter's own output is not byte-stable here
+    for p in raw:
+        write_canonical_ort(p, p.with_suffix(".canonical.ort"))
+        assert p.with_suffix(".canonical.ort").read_bytes() == (out / "text_decoder.ort").read_bytes()
+    x = torch.randn(1, 4, load_model(example.model_dir).config.hidden_size, generator=torch.Generator().manual_seed(5))
+    feeds = {"embeds": x.numpy(), "input_pos": np.array([0])}
+    raw_session = ort.InferenceSession(str(raw[0]))
+    for i in raw_session.get_inputs():
+        if i.name.startswith("past_"):
+            feeds[i.name] = np.zeros([d if isinstance(d, int) else 0 for d in i.shape], np.float32)
+    canonical = ort.InferenceSession(str(raw[0].with_suffix(".canonical.ort")))
+    for a, b in zip(raw_session.run(None, feeds), canonical.run(None, feeds)):
+        assert np.array_equal(a, b)
 
 
 def test_portable_variant_uses_standard_ops_only(odd, export_cli, tmp_path):

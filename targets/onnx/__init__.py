@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from mote.export.verify import Tolerance
 from mote.targets import (CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, cli_flag,
                           quiet_toolchain)
 
+from .ort_format import write_canonical_ort
 from .repack import lower_to_ort_layouts
 from .report import ort_facts, read_back, render
 from .variants import to_fp32_experts, to_portable
@@ -118,9 +118,8 @@ def export_onnx(ep, path: Path, decoder: bool = False, postprocess=None,
 def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[Path]:
     """ORT Mobile format next to each .onnx (com.microsoft ops included); the .ort holds the weights inline.
 
-    The converter runs in a child process with address-space randomisation off: ORT's flatbuffer writer orders
-    some tables by pointer, so with ASLR (or another heap layout) the same model gives differently ordered (equally
-    valid) .ort bytes.
+    The converter's own output is not byte-stable (its kernel-type-string resolver is written in hash-map order,
+    which follows heap addresses): each file is rewritten by `write_canonical_ort`, so the same model gives the same bytes.
     External data files are linked beside the models (their locations are relative to the .onnx).
     """
     if not onnx_paths:
@@ -130,19 +129,15 @@ def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[
     try:
         for p in [*onnx_paths, *data_paths]:
             (work / p.name).symlink_to(p.resolve())
-        # Run from inside the work folder on ".", so that neither the command line nor the paths the converter
-        # builds depend on where the output goes (their lengths shift the heap, and with it that table order).
-        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ".",
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(work),
                "--optimization_style", "Fixed"]
-        if shutil.which("setarch"):
-            cmd = ["setarch", platform.machine(), "-R", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"onnx: .ort conversion failed: {proc.stderr.strip().splitlines()[-1:]}")
         out = []
         for p in onnx_paths:
             target = p.with_suffix(".ort")
-            (work / f"{p.stem}.ort").rename(target)
+            write_canonical_ort(work / f"{p.stem}.ort", target)
             out.append(target)
         return out
     finally:
