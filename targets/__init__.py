@@ -9,8 +9,8 @@ import io
 import logging
 import warnings
 
-from .base import (CommonOptions, Lowered, RoutedExpertStorage, Runner, Target, TargetOptions,  # noqa: F401
-                   cli_flag)
+from .base import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Runner, Target, TargetOptions,  # noqa: F401
+                   cli_flag, op_times)
 
 # --target name -> module holding TARGET. Imported lazily: a target's toolchain loads only when it is used.
 REGISTRY = {

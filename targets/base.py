@@ -18,6 +18,8 @@ Adding a target (the guide):
      `Runner`), computing with `threads` CPU threads when given (the benchmark's 1 and 2; None: the runtime's default);
    - `routed_expert_storage(out_dir) -> RoutedExpertStorage`: the bytes the artifact spends on routed experts, read
      from the saved files alone (the runtime tests check it against the report);
+   - `op_profile(out_dir, max_seq_len, threads, drive) -> list[OpTime] | None`: optional, where the runtime has a
+     profiler (`mote-bench --profile` prints its top operators); the default says it has none;
    - `fp32_experts_supported`: whether `CommonOptions.fp32_experts` (the benchmark's baseline: the same model with
      float32 routed experts, same runtime) can be lowered.
 2. One line in `REGISTRY` (`targets/__init__.py`).
@@ -33,7 +35,7 @@ import argparse
 import dataclasses
 import typing
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
@@ -125,6 +127,25 @@ class RoutedExpertStorage:
     where: str                  # which file / program holds them
 
 
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    """One kind of operator in a runtime profiler's record: its total time and how many times it ran."""
+
+    kind: str        # the runtime's own name (an ORT op type, an ExecuTorch kernel, an XNNPACK operator)
+    ms: float
+    calls: int
+
+
+def op_times(samples) -> list[OpTime]:
+    """(kind, ms) samples, one per operator run, summed by kind; the most expensive first."""
+    total: dict[str, list] = {}
+    for kind, ms in samples:
+        entry = total.setdefault(kind, [0.0, 0])
+        entry[0] += ms
+        entry[1] += 1
+    return sorted((OpTime(k, ms, n) for k, (ms, n) in total.items()), key=lambda t: (-t.ms, t.kind))
+
+
 class Runner(Protocol):
     """The three programs as the deployed artifact exposes them; the KV cache lives inside the runner
     (export/generate.py drives any runner the same way as the PyTorch reference's `EagerRunner`)."""
@@ -154,6 +175,13 @@ class Target:
 
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
         raise NotImplementedError  # pragma: no cover - interface
+
+    def op_profile(self, out_dir: Path, max_seq_len: int, threads: int | None,
+                   drive: Callable[[Runner], None]) -> list[OpTime] | None:
+        """The operators the runtime's own profiler recorded while `drive(runner)` ran a freshly loaded runner, by
+        kind (`op_times`); nesting records (a whole method, a delegate call) are left out, so the kinds' times add up
+        to at most the profiled time. None: the runtime has no profiler (the default)."""
+        return None
 
     def runtime_versions(self) -> dict[str, str]:
         """{package: version} of the toolchain and runtime this target uses (for report.json)."""

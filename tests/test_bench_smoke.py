@@ -1,10 +1,11 @@
-"""Smoke test of `mote-bench --target T --quick` for every target of the registry: the table and JSON structure, and
+"""Smoke test of `mote-bench --target T --quick --profile` for every target of the registry: the table and JSON structure, and
 that every ratio is computed from the measured numbers beside it. Never timing thresholds.
 
 Each run lowers 4 tiny models (2 expert counts x ternary / fp32): ~25 s for onnx, ~80 s for android (ExecuTorch's
 graph passes cost 15-25 s per model whatever its size) on 2 idle cores, about twice that on busy ones.
 """
 import json
+import math
 from importlib.metadata import PackageNotFoundError
 
 import pytest
@@ -27,7 +28,7 @@ def test_bench_quick_structure(name, tmp_path, capsys):
         pytest.skip(f"{name}: toolchain not installed")
     work, out = tmp_path / "work", tmp_path / "bench.json"
     work.mkdir()
-    assert bench.main(["--target", name, "--quick", "--json", str(out), "--work-dir", str(work)]) == 0
+    assert bench.main(["--target", name, "--quick", "--profile", "--json", str(out), "--work-dir", str(work)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     mode = bench.MODES["quick"]
@@ -79,11 +80,33 @@ def test_bench_quick_structure(name, tmp_path, capsys):
         assert s["routed_expert_bytes_ratio"] == sb["routed_expert_bytes"] / sa["routed_expert_bytes"]
         assert s["artifact_bytes_ratio"] == sb["artifact_bytes"] / sa["artifact_bytes"]
 
-    # the printed tables are those of the JSON: a line per row, per row and thread count, per scaling record
+    # --profile: the runtime's own profiler over decode steps of both variants, smallest expert count only
+    assert all("profile" not in r for r in result["rows"][1:])
+    profile = small["profile"]
+    assert (profile["threads"], profile["decode_steps"]) == (threads[0], mode.decode_steps)
+    if profile["ternary"] is None:   # a runtime without a profiler says so
+        assert profile["fp32"] is None and any("has no profiler" in n for n in result["notes"])
+    else:
+        kinds = {}
+        for variant in bench.VARIANTS:
+            ops = profile[variant]["ops"]
+            assert ops and len({o["kind"] for o in ops}) == len(ops)          # summed by kind
+            assert [o["ms_per_step"] for o in ops] == sorted((o["ms_per_step"] for o in ops), reverse=True)
+            assert math.isclose(profile[variant]["profiled_ms_per_step"], sum(o["ms_per_step"] for o in ops))
+            for o in ops:   # whole calls over the profiled steps
+                assert o["calls_per_step"] > 0 and math.isclose(o["calls_per_step"] * mode.decode_steps,
+                                                                round(o["calls_per_step"] * mode.decode_steps))
+            kinds[variant] = {o["kind"] for o in ops}
+        assert kinds["ternary"] != kinds["fp32"]   # the routed experts run as different operators
+
+    # the printed tables are those of the JSON: a line per row, per row and thread count, per scaling record, per
+    # profiled operator shown
     assert printed.strip() == bench.format_table(result)
     lines = printed.splitlines()
     n_rows = len(result["rows"])
-    assert sum(line.startswith(shape.name) for line in lines) == n_rows + n_rows * len(threads) + len(result["scaling"])
+    shown = sum(min(len(profile[v]["ops"]), bench.PROFILE_TOP) for v in bench.VARIANTS if profile[v] is not None)
+    assert sum(line.startswith(shape.name) for line in lines) == (
+        n_rows + n_rows * len(threads) + len(result["scaling"]) + shown)
     size_lines = [line for line in lines if line.startswith(shape.name)][:n_rows]
     for line, r in zip(size_lines, result["rows"]):
         assert line.endswith(f"{r['artifact_bytes_ratio_fp32_over_ternary']:.2f}")

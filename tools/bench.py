@@ -1,6 +1,6 @@
 """`mote-bench --target T`: ternary vs float32 routed experts of the same model, in the target's own runtime.
 
-    mote-bench --target {android,onnx} [--quick] [--json out.json] [--threads 1 2] [--work-dir DIR] [-v]
+    mote-bench --target {android,onnx} [--quick] [--profile] [--json out.json] [--threads 1 2] [--work-dir DIR] [-v]
 
 Every target of the registry is benchmarked the same way, through the target contract only (targets/base.py):
 
@@ -15,6 +15,8 @@ Every target of the registry is benchmarked the same way, through the target con
   max_seq_len, threads)` and timed round-robin (`time_interleaved`) so that background load hits all of them alike:
   prefill (T tokens from input_pos 0) and decode steps (one token, after a prefill) of the whole `text_decoder`,
   Python call included, medians;
+- `--profile`: the runtime's own profiler (`target.op_profile`: ORT's trace, ExecuTorch's ETDump) over decode steps
+  of each variant at the smallest expert count, first thread count: the operator kinds that take the time;
 - ratios, computed from those numbers only: fp32 over ternary (size and latency) and 4E over E (expert-count
   scaling; top-1 reads one expert per token either way).
 
@@ -270,8 +272,10 @@ def variant_facts(target, lowered, out_dir: Path, lower_s: float) -> dict:
             "deviations": list(lowered.deviations), "lower_s": round(lower_s, 1)}
 
 
-def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...], work: Path, log) -> list[dict]:
-    """Lower each expert count x variant, then per thread count time all their decoders together."""
+def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...], work: Path, log,
+                profile: bool = False) -> list[dict]:
+    """Lower each expert count x variant, then per thread count time all their decoders together (and profile the
+    smallest expert count's)."""
     from mote.targets import quiet_toolchain
     from mote.tools.make_random_model import random_model
 
@@ -307,11 +311,33 @@ def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...],
         for row in rows:
             e = row["experts"]
             row["latency"].append(latency_entry(n, times[(e, "ternary")], times[(e, "fp32")]))
+    if profile:
+        row = rows[0]
+        log(f"{shape.name} E={row['experts']}: profiling {mode.decode_steps} decode steps per variant")
+        row["profile"] = {"threads": threads[0], "decode_steps": mode.decode_steps,
+                          **{v: profile_decode(target, out_dirs[(row["experts"], v)], shape.hidden, mode, threads[0])
+                             for v in VARIANTS}}
     return rows
 
 
+def profile_decode(target, out_dir: Path, hidden: int, mode: Mode, threads: int) -> dict | None:
+    """Operator kinds by time per decode step (positions 0.. from an empty cache), from the runtime's profiler."""
+    def drive(runner):
+        decoder = TimedDecoder(runner, hidden, seed=0)
+        for _ in range(mode.decode_steps):
+            decoder.decode_step()
+
+    ops = target.op_profile(out_dir, mode.max_seq_len, threads, drive)
+    if ops is None:
+        return None
+    n = mode.decode_steps
+    return {"profiled_ms_per_step": sum(o.ms for o in ops) / n,
+            "ops": [{"kind": o.kind, "ms_per_step": o.ms / n, "calls_per_step": o.calls / n} for o in ops]}
+
+
 def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, ...] = DEFAULT_THREADS,
-                  work_dir: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+                  work_dir: Path | None = None, log: Callable[[str], None] | None = None,
+                  profile: bool = False) -> dict:
     """The whole benchmark of one target: a JSON-able dict with `target`, `settings`, `rows`, `scaling`, `notes`."""
     from mote.targets import get_target
 
@@ -324,10 +350,10 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
     rows = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
         for shape in m.shapes:
-            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log)
+            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log, profile)
     import torch
 
-    settings = {"mode": mode, "threads": list(threads),
+    settings = {"mode": mode, "threads": list(threads), "profile": profile,
                 "options": target.Options.for_benchmark().as_dict(),
                 "versions": {"python": platform.python_version(), "torch": torch.__version__,
                              **target.runtime_versions()},
@@ -352,6 +378,16 @@ def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
         + f"; static KV cache of {m.max_seq_len}; all decoders of a model timed round-robin, one thread count "
           "after the other",
     ]
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        p = profiled[0]["profile"]
+        if all(r["profile"][v] is None for r in profiled for v in VARIANTS):
+            out.append(f"--profile: {target_name}'s runtime has no profiler here (target.op_profile)")
+        else:
+            out.append(f"top ops: the runtime's own profiler (target.op_profile) over {p['decode_steps']} decode steps "
+                       f"at positions 0..{p['decode_steps'] - 1} from an empty cache, {p['threads']} thread(s), "
+                       "smallest expert count; times per step, summed by operator kind without nesting records; "
+                       "share = of the profiled operators' time (profiling adds overhead)")
     # the targets' own words on where their kernels depart from the reference (report.json's deviations)
     for variant in VARIANTS:
         for d in dict.fromkeys(d for r in rows for d in r[variant]["deviations"]):
@@ -434,6 +470,31 @@ SCALING_COLUMNS = [
 ]
 
 
+PROFILE_TOP = 8   # operator kinds shown per variant (the JSON has all)
+PROFILE_COLUMNS = [
+    Column("top ops (decode)", NAME_WIDTH, lambda o: o["config"], left=True),
+    Column("E", 3, lambda o: o["experts"]),
+    Column("variant", 7, lambda o: o["variant"], left=True),
+    SEPARATOR,
+    Column("operator (runtime's name)", 40, lambda o: o["kind"][:40], left=True),
+    Column("ms/step", 8, lambda o: o["ms_per_step"], ".3f"),
+    Column("calls/step", 10, lambda o: o["calls_per_step"], ".1f"),
+    Column("share", 6, lambda o: f"{o['share']:.0%}"),
+]
+
+
+def profile_records(rows: list[dict]) -> list[dict]:
+    """The top operator kinds of each profiled variant, with their share of the profiled time."""
+    records = []
+    for r in rows:
+        for variant in VARIANTS:
+            p = (r.get("profile") or {}).get(variant)
+            for op in (p["ops"][:PROFILE_TOP] if p else []):
+                records.append({"config": r["config"], "experts": r["experts"], "variant": variant, **op,
+                                "share": op["ms_per_step"] / p["profiled_ms_per_step"]})
+    return records
+
+
 def latency_records(rows: list[dict]) -> list[dict]:
     """One record per row and thread count (the latency table's lines)."""
     return [{"config": r["config"], "experts": r["experts"], **entry} for r in rows for entry in r["latency"]]
@@ -448,6 +509,8 @@ def format_table(result: dict) -> str:
     lines += table_lines(LATENCY_COLUMNS, latency_records(rows))
     if result["scaling"]:
         lines += [""] + table_lines(SCALING_COLUMNS, result["scaling"])
+    if profiled := profile_records(rows):
+        lines += [""] + table_lines(PROFILE_COLUMNS, profiled)
     lines.append("")
     shapes = dict.fromkeys((r["config"], r["hidden"], r["expert_intermediate"], r["shared_intermediate"], r["layers"],
                             r["heads"], r["kv_heads"], r["vocab"], r["top_k"]) for r in rows)
@@ -470,6 +533,8 @@ def parse_args(argv):
     ap.add_argument("--target", required=True, choices=sorted(REGISTRY))
     ap.add_argument("--quick", action="store_true", help="the smoke test's setting: tiny models, few repeats "
                                                          "(numbers meaningless)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run the runtime's profiler over decode steps and print the top operators")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--threads", type=int, nargs="+", default=list(DEFAULT_THREADS),
                     help="CPU thread counts to time, one after the other (default: 1 2)")
@@ -493,7 +558,7 @@ def main(argv=None) -> int:
 
         try:
             result = run_benchmark(args.target, "quick" if args.quick else "default", tuple(args.threads),
-                                   work_dir=args.work_dir, log=log)
+                                   work_dir=args.work_dir, log=log, profile=args.profile)
             error = None
         except Exception as e:   # one line, the toolchains' output saved aside (-v: the traceback)
             if args.verbose:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import tempfile
 from pathlib import Path
 
 from mote.export import progress
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.targets import CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, quiet_toolchain
+from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, op_times,
+                          quiet_toolchain)
 from mote.targets.lowering import routed_expert_weights
 
 from .decompose import DECOMPOSITIONS, use_float_experts
@@ -168,6 +171,23 @@ class ExecuTorchTarget(Target):
     def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None) -> "PteRunner":
         return PteRunner(Path(out_dir) / PTE_NAME, max_seq_len, threads)
 
+    def op_profile(self, out_dir: Path, max_seq_len: int, threads: int | None, drive) -> list[OpTime]:
+        """ExecuTorch's ETDump (the wheel's runtime records every kernel call, and XNNPACK's operators inside its
+        delegate calls), read with the devtools' Inspector; XNNPACK's per-instance suffixes (" #3") are dropped."""
+        from executorch.devtools import Inspector
+
+        with tempfile.TemporaryDirectory(prefix="mote-etdump-") as tmp:
+            runner = PteRunner(Path(out_dir) / PTE_NAME, max_seq_len, threads, etdump=True)
+            drive(runner)
+            etdump = Path(tmp) / "run.etdp"
+            runner.program.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
+            with quiet_toolchain():
+                inspector = Inspector(etdump_path=str(etdump))
+        # Inspector times are in ms; each event holds one duration per run of its instruction
+        return op_times((re.sub(r" #\d+$", "", e.name), ms) for block in inspector.event_blocks
+                        if block.name == "Execute" for e in block.events
+                        if e.name not in ETDUMP_NESTING and e.perf_data is not None for ms in e.perf_data.raw)
+
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
         return pte_routed_expert_storage(Path(out_dir) / PTE_NAME)
 
@@ -187,13 +207,17 @@ def set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
 
 
+# ETDump records that enclose others: summing them with their contents would count time twice
+ETDUMP_NESTING = {"Method::execute", "OPERATOR_CALL", "DELEGATE_CALL"}
+
+
 class PteRunner:
     """The `.pte`'s methods in ExecuTorch's runtime; the KV cache is the method's own mutable buffers."""
 
-    def __init__(self, path: Path, max_seq_len: int, threads: int | None = None):
+    def __init__(self, path: Path, max_seq_len: int, threads: int | None = None, etdump: bool = False):
         if threads is not None:
             set_threads(threads)
-        self.path, self.max_seq_len = Path(path), max_seq_len
+        self.path, self.max_seq_len, self.etdump = Path(path), max_seq_len, etdump
         self.program, self.methods, self.cache_written = None, {}, True
         self.reset()
 
@@ -211,7 +235,7 @@ class PteRunner:
         if self.cache_written:
             self.methods = {}
             self.program = None       # the old program's memory goes before the new one is claimed
-            self.program = Runtime.get().load_program(str(self.path))
+            self.program = Runtime.get().load_program(str(self.path), enable_etdump=self.etdump)
             self.cache_written = False
 
     def vision_encoder(self, pixel_values):

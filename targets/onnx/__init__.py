@@ -17,10 +17,12 @@ threshold the file is one serialized ModelProto (a transient copy of that model'
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,8 @@ from mote.export import progress
 from mote.export.memory import release_memory
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.targets import (CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, cli_flag,
-                          quiet_toolchain)
+from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, cli_flag,
+                          op_times, quiet_toolchain)
 
 from .ort_format import write_canonical_ort
 from .repack import lower_to_ort_layouts
@@ -203,6 +205,16 @@ class OnnxTarget(Target):
         """`suffix=".ort"` runs the ORT-format files instead of the .onnx ones."""
         return OrtRunner(out_dir, max_seq_len, suffix=suffix, threads=threads)
 
+    def op_profile(self, out_dir: Path, max_seq_len: int, threads: int | None, drive) -> list[OpTime]:
+        """ORT's profiler (SessionOptions.enable_profiling): a `<node>_kernel_time` record per node run, by op type."""
+        with tempfile.TemporaryDirectory(prefix="mote-ort-profile-") as tmp:
+            runner = OrtRunner(out_dir, max_seq_len, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
+            drive(runner)
+            traces = {name: Path(s.end_profiling()) for name, s in runner.sessions.items()}
+            trace = json.loads(traces["text_decoder"].read_text())
+        return op_times((e["args"]["op_name"], e["dur"] / 1000) for e in trace
+                        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
         path = Path(out_dir) / "text_decoder.onnx"
         routed = read_back([path])["routed_experts"]
@@ -218,7 +230,8 @@ class OnnxTarget(Target):
 class OrtRunner:
     """The three programs in onnxruntime; the KV cache lives here as numpy arrays fed back step by step."""
 
-    def __init__(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx", threads: int | None = None):
+    def __init__(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx", threads: int | None = None,
+                 profile_prefix: str | None = None):
         import onnxruntime as ort
 
         release_memory()   # the sessions' initializers are new mappings: drop what the export left behind first
@@ -230,10 +243,13 @@ class OrtRunner:
         so.log_severity_level = 3
         # intra-op threads (sequential execution, the default, runs one node at a time); 0: ORT's default
         so.intra_op_num_threads = threads if threads is not None else int(os.environ.get("MOTE_ORT_THREADS", "0"))
+        so.enable_profiling = profile_prefix is not None   # the trace is written at end_profiling()
         self.sessions = {}
         for name in ("vision_encoder", "token_embedding", "text_decoder"):
             path = Path(out_dir) / f"{name}{suffix}"
             if path.exists():
+                if profile_prefix is not None:
+                    so.profile_file_prefix = f"{profile_prefix}_{name}"
                 self.sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.max_seq_len = max_seq_len
         dec = self.sessions["text_decoder"]

@@ -31,8 +31,7 @@ _SESSION_STATE_SLOT = 8   # InferenceSession.session_state: deprecated; the conv
 
 
 def _resolver_entries(resolver) -> list[tuple[str, list[tuple[str, list[tuple[int, int]]]]]]:
-    """(op_id, [(kernel_type_str, [(arg_type, index)])]) in the file's vector order (sorted by key: ORT looks
-    entries up by binary search)."""
+    """(op_id, [(kernel_type_str, [(arg_type, index)])]) in the file's vector order (the writer sorts by key)."""
     entries = []
     for i in range(resolver.OpKernelTypeStrArgsLength()):
         op = resolver.OpKernelTypeStrArgs(i)
@@ -91,9 +90,8 @@ def _model_and_resolver(buf):
     return session.Model()._tab.Pos, _resolver_entries(session.KernelTypeStrResolver()), session.OrtVersion()
 
 
-def _canonical_head(buf) -> tuple[bytes, int]:
+def _canonical_head(buf, model_pos: int, entries, version: bytes) -> tuple[bytes, int]:
     """(new head, tail_start): the file's bytes from tail_start on, kept as they are, follow the new head."""
-    model_pos, entries, version = _model_and_resolver(buf)
     model_vtable = model_pos - struct.unpack_from("<i", buf, model_pos)[0]
     # The model table was written after its children (higher addresses) and just after its own vtable (if new), so
     # the model's bytes start here; everything before it was written after the model.
@@ -125,8 +123,8 @@ def write_canonical_ort(source: Path, target: Path) -> None:
     """`source`, an ORT format model, written to `target` with its resolver in vector order (module docstring).
     Streams the model's bytes: a .ort can be close to 2 GiB."""
     with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        model_pos, entries, _ = _model_and_resolver(buf)
-        head, tail_start = _canonical_head(buf)
+        model_pos, entries, version = _model_and_resolver(buf)
+        head, tail_start = _canonical_head(buf, model_pos, entries, version)
         with open(target, "wb") as out:
             out.write(head)
             f.seek(tail_start)
