@@ -1,5 +1,5 @@
-"""Smoke test of `mote-bench --target T --quick --profile` for every target of the registry: the table and JSON structure, and
-that every ratio is computed from the measured numbers beside it. Never timing thresholds.
+"""Smoke test of `mote-bench --target T --quick --profile` for every target of the registry: the table and JSON
+structure, and that every ratio is computed from the measured numbers beside it. Never timing thresholds.
 
 Each run lowers 4 tiny models (2 expert counts x ternary / fp32): ~25 s for onnx, ~80 s for android (ExecuTorch's
 graph passes cost 15-25 s per model whatever its size) on 2 idle cores, about twice that on busy ones.

@@ -121,7 +121,8 @@ def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[
     """ORT Mobile format next to each .onnx (com.microsoft ops included); the .ort holds the weights inline.
 
     The converter's own output is not byte-stable (its kernel-type-string resolver is written in hash-map order,
-    which follows heap addresses): each file is rewritten by `write_canonical_ort`, so the same model gives the same bytes.
+    which follows heap addresses): each file is rewritten by `write_canonical_ort`, so the same model gives the same
+    bytes.
     External data files are linked beside the models (their locations are relative to the .onnx).
     """
     if not onnx_paths:
