@@ -56,6 +56,8 @@ INERT_KEYS = frozenset({
     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens",
+    # descriptive strings a target may show (Core ML puts them where Xcode shows a model's author, license, version)
+    "author", "license", "version",
 })
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 TEXT_ACTIVATIONS = ("silu",)                                   # SwiGLU experts: the MoE formula of DESIGN.md section 1

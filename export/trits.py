@@ -14,10 +14,11 @@ import torch
 
 ZERO_CODE = 2
 
-# byte -> its four trits, lowest bits first: one gather decodes a whole weight (no per-element shifts).
-_TRITS_OF_BYTE = torch.tensor([[((b >> (2 * j)) & 3) - ZERO_CODE for j in range(4)] for b in range(256)],
-                              dtype=torch.float32)
-_CODES_OF_BYTE = (_TRITS_OF_BYTE + ZERO_CODE).to(torch.uint8)
+# byte -> its four trits, lowest bits first: one gather decodes a whole weight (no per-element shifts). Public:
+# targets that decode in their own graph gather in this table too.
+TRITS_OF_BYTE = torch.tensor([[((b >> (2 * j)) & 3) - ZERO_CODE for j in range(4)] for b in range(256)],
+                             dtype=torch.float32)
+_CODES_OF_BYTE = (TRITS_OF_BYTE + ZERO_CODE).to(torch.uint8)
 
 
 def pack_trits(trits: torch.Tensor) -> torch.Tensor:
@@ -43,5 +44,5 @@ def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
     """uint8 [..., ceil(K/4)] -> float32 trits [..., K]."""
-    trits = torch.nn.functional.embedding(packed.to(torch.int32), _TRITS_OF_BYTE)
+    trits = torch.nn.functional.embedding(packed.to(torch.int32), TRITS_OF_BYTE)
     return trits.reshape(*packed.shape[:-1], -1)[..., :k]

@@ -10,11 +10,12 @@ import logging
 import warnings
 
 from .base import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Runner, Target, TargetOptions,  # noqa: F401
-                   cli_flag, op_times)
+                   artifact_bytes, cli_flag, op_times)
 
 # --target name -> module holding TARGET. Imported lazily: a target's toolchain loads only when it is used.
 REGISTRY = {
     "android": "mote.targets.executorch",
+    "ios": "mote.targets.coreml",
     "onnx": "mote.targets.onnx",
 }
 
@@ -28,7 +29,8 @@ def quiet_toolchain():
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):   # progress bars (coremltools' tqdm)
             warnings.simplefilter("ignore")
             yield
     finally:

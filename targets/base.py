@@ -21,7 +21,9 @@ Adding a target (the guide):
    - `op_profile(out_dir, max_seq_len, threads, drive) -> list[OpTime] | None`: optional, where the runtime has a
      profiler (`mote-bench --profile` prints its top operators); the default says it has none;
    - `fp32_experts_supported`: whether `CommonOptions.fp32_experts` (the benchmark's baseline: the same model with
-     float32 routed experts, same runtime) can be lowered.
+     float32 routed experts, same runtime) can be lowered;
+   - `timing_caveat`: None where `runner` is the deployment runtime itself; else what its timings measure instead
+     (`mote-bench` prints it with the latencies).
 2. One line in `REGISTRY` (`targets/__init__.py`).
 
 Heavy toolchains are imported inside functions, so that importing a target to read its options stays cheap.
@@ -146,6 +148,14 @@ def op_times(samples) -> list[OpTime]:
     return sorted((OpTime(k, ms, n) for k, (ms, n) in total.items()), key=lambda t: (-t.ms, t.kind))
 
 
+def artifact_bytes(path: Path) -> int:
+    """An artifact's size: a file's, or the sum of a directory's files (a Core ML `.mlpackage` is a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 class Runner(Protocol):
     """The three programs as the deployed artifact exposes them; the KV cache lives inside the runner
     (export/generate.py drives any runner the same way as the PyTorch reference's `EagerRunner`)."""
@@ -164,6 +174,7 @@ class Target:
     tolerance: Tolerance
     Options: ClassVar[type[TargetOptions]] = TargetOptions
     fp32_experts_supported: ClassVar[bool] = False
+    timing_caveat: ClassVar[str | None] = None
 
     def lower(self, programs: dict, model, common: CommonOptions, options: TargetOptions) -> Lowered:
         raise NotImplementedError  # pragma: no cover - interface

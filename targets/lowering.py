@@ -14,7 +14,9 @@
   the expert count, not by T x k expert copies. A target supplies how its packed codes are decoded.
 - Padding and block packing of 2-bit codes for block-wise kernels (ONNX Runtime's QMoE / MatMulNBits, and any kernel
   that wants K a multiple of 32): `padded`, `block_size`, `pad_codes`, `block_scales`, `pack_codes`.
-- `dequantized_experts`: the fp32 weights of the benchmark's fp32-expert baseline.
+- The benchmark's fp32-expert baseline (never a deployment artifact): `use_float_experts` rewrites each
+  `mote.moe_ffn` into `mote_bench.moe_ffn_float` over `dequantized_experts` (float32 [E, rows, K]);
+  `float_moe_ffn` is its gathered-top-k decomposition.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from mote.export import semantics
 from mote.passes.match import is_op
 from mote.passes.ops import ZERO_CODE, MoeFfnArgs, pack_trits, unpack
-from mote.passes.program import constant_value
+from mote.passes.program import add_constant, constant_value, finish_rewrite, replace_call, spec_for
 
 MIN_BLOCK, MAX_BLOCK = 32, 512   # block sizes of ONNX Runtime's 2-bit kernels that run at full speed (DESIGN.md section 9)
 
@@ -99,9 +101,51 @@ def grouped_ternary_experts(args: MoeFfnArgs, decode):
     return experts
 
 
+# -- the benchmark's fp32-expert baseline ------------------------------------------------------------------------
+
 def dequantized_experts(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
     """Stacked packed codes [E, rows, ceil(K/4)] and scales [E, 1|rows] -> fp32 weights [E, rows, K]."""
     return (unpack(packed, k) * scale.unsqueeze(-1)).contiguous()
+
+
+@torch.library.custom_op("mote_bench::moe_ffn_float", mutates_args=())
+def moe_ffn_float(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor,
+                  shared_expert_gate: torch.Tensor | None, router: torch.Tensor, gate_w: torch.Tensor,
+                  up_w: torch.Tensor, down_w: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    return float_moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
+                         top_k, norm_topk_prob)
+
+
+@moe_ffn_float.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def float_moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
+                  top_k: int, norm_topk_prob: bool):
+    """`gathered_top_k_moe` over float32 experts [E, rows, K]: the chosen experts' weights gathered, plain SwiGLU."""
+    def float_experts(flat, ids):
+        def proj(v, w):
+            return torch.matmul(v, torch.index_select(w, 0, ids).transpose(1, 2))
+
+        return proj(F.silu(proj(flat.unsqueeze(0), gate_w)) * proj(flat.unsqueeze(0), up_w), down_w)
+
+    return gathered_top_k_moe(x, (shared_gate, shared_up, shared_down), shared_expert_gate, router, gate_w.shape[0],
+                              top_k, norm_topk_prob, float_experts)
+
+
+def use_float_experts(ep) -> None:
+    """Rewrite each mote.moe_ffn into mote_bench.moe_ffn_float with dequantized fp32 expert weights (in place)."""
+    for node, args in moe_nodes(ep):
+        _, d, width = moe_dims(ep, args)
+        base = spec_for(ep, args.gate_packed).target.rsplit(".", 1)[0]
+        weights = [add_constant(ep, f"{base}.{name}_fp32", dequantized_experts(constant_value(ep, packed),
+                                                                               constant_value(ep, scale), k))
+                   for name, packed, scale, k in args.projections(d, width)]
+        replace_call(ep.graph, node, torch.ops.mote_bench.moe_ffn_float.default,
+                     (args.x, *args.shared, args.shared_expert_gate, args.router, *weights, args.top_k,
+                      args.norm_topk_prob))
+    finish_rewrite(ep)
 
 
 # -- padding and block packing ------------------------------------------------------------------------------------------

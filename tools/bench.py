@@ -259,9 +259,11 @@ def lower(target, model, variant: str, max_seq_len: int, out_dir: Path):
 
 def variant_facts(target, lowered, out_dir: Path, lower_s: float) -> dict:
     """Size of what `lower` wrote, the routed experts' storage read back from the artifact by the target."""
+    from mote.targets import artifact_bytes
+
     storage = target.routed_expert_storage(out_dir)
     n = lowered.routed_expert_weights
-    files = {str(p.relative_to(out_dir)): p.stat().st_size for p in lowered.artifacts}
+    files = {str(p.relative_to(out_dir)): artifact_bytes(p) for p in lowered.artifacts}
     return {"artifacts": files, "artifact_bytes": sum(files.values()),
             "routed_expert_weights": n, "routed_expert_bytes": storage.bytes,
             "routed_expert_tensors": storage.tensors, "routed_expert_where": storage.where,
@@ -365,7 +367,11 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
 
 
 def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
-    out = [
+    from mote.targets import get_target
+
+    caveat = get_target(target_name).timing_caveat
+    out = [f"latency is {caveat}"] if caveat else []
+    out += [
         "fp32 = the same model with its ternary routed experts dequantized to float32 (CommonOptions.fp32_experts), "
         "same router, attention, shared expert and lm head, same runtime: only the routed experts differ",
         "bits/w = routed-expert storage (codes + scales) read back from the artifact (target.routed_expert_storage) "
@@ -378,6 +384,10 @@ def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
         + f"; static KV cache of {m.max_seq_len}; all decoders of a model timed round-robin, one thread count "
           "after the other",
     ]
+    float_bits = sorted({r["fp32"]["bits_per_weight"] for r in rows} - {32.0})
+    if float_bits:
+        out.append(f"the fp32 variant's experts are stored at {'/'.join(f'{b:g}' for b in float_bits)} bits per weight: "
+                   f"{target_name}'s programs hold their float weights in the precision they compute in")
     profiled = [r for r in rows if "profile" in r]
     if profiled:
         p = profiled[0]["profile"]
@@ -503,8 +513,13 @@ def latency_records(rows: list[dict]) -> list[dict]:
 def format_table(result: dict) -> str:
     """The same tables for every target: sizes, latencies, expert-count scaling, then the models, environment, notes."""
     st, rows = result["settings"], result["rows"]
+    from mote.targets import get_target
+
+    caveat = get_target(result["target"]).timing_caveat
     lines = [f"{PROG} --target {result['target']} ({st['mode']} mode): ternary vs fp32 routed experts, same model, "
              "same runtime (x = fp32 / ternary, > 1: ternary smaller / faster)", ""]
+    if caveat:
+        lines[1:1] = [f"latency is {caveat}"]
     lines += table_lines(SIZE_COLUMNS, rows) + [""]
     lines += table_lines(LATENCY_COLUMNS, latency_records(rows))
     if result["scaling"]:

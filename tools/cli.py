@@ -32,6 +32,7 @@ from mote.export import progress as export_progress
 from mote.export.errors import InputError, MoteError, VerificationError
 from mote.export.memory import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak
 from mote.targets import REGISTRY, CommonOptions
+from mote.targets import artifact_bytes as artifact_size
 from mote.tools.console import Console, captured_toolchain_output
 from mote.tools.output_dir import MARKER, REPORT, OutputDir
 
@@ -195,7 +196,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
         # The artifact is on disk: the programs and the model (which share the weights) are not needed any more.
         del programs, model
         release_memory()
-        artifact_bytes = sum(p.stat().st_size for p in lowered.artifacts)
+        artifact_bytes = sum(artifact_size(p) for p in lowered.artifacts)
         report = {
             "tool": PROG,
             "tool_version": tool_version(),
@@ -208,7 +209,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
             "options": {"common": {"max_seq_len": max_seq_len, "quantization": common.quantization,
                                    "verify": common.verify},
                         "target": args.target_options.as_dict()},
-            "artifacts": [{"path": p.name, "bytes": p.stat().st_size} for p in lowered.artifacts],
+            "artifacts": [{"path": p.name, "bytes": artifact_size(p)} for p in lowered.artifacts],
             "size": size_facts(lowered, artifact_bytes),
             "routed_expert_bits_per_weight": round(lowered.routed_expert_bits_per_weight, 4),
             "routed_expert_weights": lowered.routed_expert_weights,

@@ -21,9 +21,9 @@ from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
 from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, op_times,
                           quiet_toolchain)
-from mote.targets.lowering import routed_expert_weights
+from mote.targets.lowering import routed_expert_weights, use_float_experts
 
-from .decompose import DECOMPOSITIONS, use_float_experts
+from .decompose import DECOMPOSITIONS
 from .partitioning import linear_partitioning
 from .report import pte_routed_expert_storage, read_back, render_notes, routed_constants
 

@@ -22,9 +22,7 @@ import torch.nn.functional as F
 
 from mote.export import semantics
 from mote.passes.ops import MoeFfnArgs
-from mote.passes.program import add_constant, constant_value, finish_rewrite, replace_call, spec_for
-from mote.targets.lowering import (dequantized_experts, gathered_top_k_moe, grouped_ternary_experts, moe_dims,
-                                   moe_nodes)
+from mote.targets.lowering import float_moe_ffn, gathered_top_k_moe, grouped_ternary_experts
 
 _SHIFTS = (0, 2, 4, 6)
 
@@ -63,45 +61,5 @@ DECOMPOSITIONS = {
 }
 
 
-# -- fp32 baseline (benchmarks only): the same gather structure over float32 expert weights ------------------------
-
-@torch.library.custom_op("mote_et::moe_ffn_float", mutates_args=())
-def moe_ffn_float(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor,
-                  shared_expert_gate: torch.Tensor | None, router: torch.Tensor, gate_w: torch.Tensor,
-                  up_w: torch.Tensor, down_w: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
-    return _moe_ffn_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
-                          top_k, norm_topk_prob)
-
-
-@moe_ffn_float.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
-
-
-def _moe_ffn_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w, down_w,
-                   top_k: int, norm_topk_prob: bool):
-    def float_experts(flat, ids):
-        def proj(v, w):
-            return torch.matmul(v, torch.index_select(w, 0, ids).transpose(1, 2))
-
-        return proj(F.silu(proj(flat.unsqueeze(0), gate_w)) * proj(flat.unsqueeze(0), up_w), down_w)
-
-    return gathered_top_k_moe(x, (shared_gate, shared_up, shared_down), shared_expert_gate, router, gate_w.shape[0],
-                              top_k, norm_topk_prob, float_experts)
-
-
-DECOMPOSITIONS[torch.ops.mote_et.moe_ffn_float.default] = _moe_ffn_float
-
-
-def use_float_experts(ep) -> None:
-    """Rewrite each mote.moe_ffn into mote_et.moe_ffn_float with dequantized fp32 expert weights (in place)."""
-    for node, args in moe_nodes(ep):
-        _, d, width = moe_dims(ep, args)
-        base = spec_for(ep, args.gate_packed).target.rsplit(".", 1)[0]
-        weights = [add_constant(ep, f"{base}.{name}_fp32", dequantized_experts(constant_value(ep, packed),
-                                                                               constant_value(ep, scale), k))
-                   for name, packed, scale, k in args.projections(d, width)]
-        replace_call(ep.graph, node, torch.ops.mote_et.moe_ffn_float.default,
-                     (args.x, *args.shared, args.shared_expert_gate, args.router, *weights, args.top_k,
-                      args.norm_topk_prob))
-    finish_rewrite(ep)
+# the fp32 baseline (benchmarks only): the same gather structure over float32 expert weights (targets/lowering.py)
+DECOMPOSITIONS[torch.ops.mote_bench.moe_ffn_float.default] = float_moe_ffn
