@@ -128,19 +128,10 @@ def _run(module, args, tmp_path, **kw):
     return ex, ex.predict({n: np.asarray(a) for n, a in zip(ex.inputs, args)})[ex.outputs[0]]
 
 
-class Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
 def test_gelu_tanh_keeps_its_approximation(tmp_path):
     """Stock coremltools 9.0 drops the `approximate` keyword of an ExportedProgram's gelu (exact gelu instead)."""
     x = torch.randn(4, 9) * 3
-    ex, got = _run(Fn(lambda x: F.gelu(x, approximate="tanh")), (x,), tmp_path)
+    ex, got = _run(torch.nn.GELU(approximate="tanh"), (x,), tmp_path)
     assert {op.inputs["mode"].val for op in ex.function.operations if op.op_type == "gelu"} == {"TANH_APPROXIMATION"}
     np.testing.assert_allclose(got, F.gelu(x, approximate="tanh").numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, F.gelu(x).numpy(), rtol=1e-5, atol=1e-6)
@@ -148,8 +139,12 @@ def test_gelu_tanh_keeps_its_approximation(tmp_path):
 
 def test_reciprocal_is_a_division(tmp_path):
     """Stock coremltools 9.0 converts reciprocal to MIL inverse with epsilon 1e-4: 1 / (x + 1e-4)."""
+    class Reciprocal(torch.nn.Module):
+        def forward(self, x):
+            return 1.0 / x
+
     x = torch.rand(16) + 0.5
-    _, got = _run(Fn(lambda x: 1.0 / x), (x,), tmp_path)
+    _, got = _run(Reciprocal(), (x,), tmp_path)
     np.testing.assert_allclose(got, (1.0 / x).numpy(), rtol=1e-6)
 
 

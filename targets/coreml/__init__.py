@@ -31,7 +31,7 @@ from mote.export.verify import Tolerance
 from mote.targets import CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, cli_flag, quiet_toolchain
 from mote.targets.lowering import routed_expert_weights, use_float_experts
 
-from .report import read_back, render_notes, routed_experts
+from .report import read_back, render_deviations, render_notes, routed_experts
 
 OUTPUTS = {"vision_encoder": "image_embeds", "token_embedding": "embeds", "text_decoder": "logits"}
 DESCRIPTIONS = {
@@ -173,7 +173,7 @@ class CoreMLTarget(Target):
         facts = read_back(packages)
         facts["compute_precision"] = options.compute_precision
         return Lowered(artifacts=list(packages.values()), routed_expert_weights=weights,
-                       routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=[],
+                       routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=render_deviations(facts),
                        notes=render_notes(facts, weights), facts=facts)
 
     def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None) -> "ExecutorRunner":

@@ -4,6 +4,7 @@
                                     the precision the ops compute in, the routed-expert weights (from the weight
                                     blobs) and how the program reads them
     notes = render_notes(facts)     sentences worded from those facts only
+    deviations = render_deviations(facts)   where the programs compute in lower precision than the reference
 
 The routed experts are the constants that the `__routed_` gathers of our `mote::moe_ffn` converter read
 (convert.py); their size is the blob's own header in `weights/weight.bin` (Core ML's blob storage: a 64-byte
@@ -166,6 +167,21 @@ def read_back(packages: dict[str, Path]) -> dict:
     return {"programs": programs,
             "routed_experts": {"bytes": sum(p["routed_experts"]["bytes"] for p in programs.values()),
                                "tensors": sum(len(p["routed_experts"]["tensors"]) for p in programs.values())}}
+
+
+def render_deviations(facts: dict) -> list[str]:
+    """Precision below the fp32 reference, read from the programs' op output dtypes and state dtypes."""
+    out = []
+    counts = [p["op_outputs_by_dtype"] for p in facts["programs"].values()]
+    fp16, total = sum(c.get("float16", 0) for c in counts), sum(sum(c.values()) for c in counts)
+    states = [s for p in facts["programs"].values() for s in p["states"]]
+    stored16 = [s for s in states if s["dtype"] == "float16"]
+    if fp16:
+        out.append(f"fp16 compute: {fp16} of the {total} float ops of the programs produce fp16 tensors (Core ML's "
+                   "fp16 compute precision; DESIGN.md section 6's fp16 bar applies)")
+    if stored16:
+        out.append(f"the KV cache is held in {len(stored16)} fp16 states (iOS 18 states are fp16 only)")
+    return out
 
 
 def render_notes(facts: dict, routed_weights: int) -> list[str]:
