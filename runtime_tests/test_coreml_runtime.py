@@ -54,6 +54,18 @@ def test_kv_cache_is_fp16_states_and_t_is_dynamic(example):
     assert ops["write_state"] == 2 * cfg.num_hidden_layers
 
 
+def test_fp16_program_keeps_rope_angles_fp32(example):
+    """Under fp16 compute precision the RoPE angles (position x frequency) and their sin / cos stay fp32: fp16 holds
+    position 4090 only to +-2 (an angle off by up to 2 rad at the highest frequency); everything else is fp16."""
+    from mote.targets.coreml.report import load_spec
+
+    out, report = example.export("ios")
+    fn = load_spec(out / "text_decoder.mlpackage").mlProgram.functions["main"]
+    ops = fn.block_specializations[fn.opset].operations
+    dtypes = {op.type: op.outputs[0].type.tensorType.dataType for op in ops if op.type in ("sin", "cos", "softmax")}
+    assert dtypes == {"sin": 11, "cos": 11, "softmax": 10}      # MIL FLOAT32 = 11, FLOAT16 = 10
+
+
 @pytest.mark.parametrize("shared", ["example", "odd"])
 def test_routed_experts_are_uint8_codes_in_the_weight_blobs(shared, request):
     """Counted from the constants coremltools loads from the package: the uint8 constants are the routed experts at

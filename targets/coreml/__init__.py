@@ -111,10 +111,11 @@ def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metad
     meta["mote.exporter"] = f"mote-export {tool_version()}"
     meta["mote.max_seq_len"] = str(max_seq_len)
     meta["mote.compute_precision"] = precision
-    for feature in [*spec.description.input, *spec.description.output]:
-        if feature.name in DESCRIPTIONS:
-            feature.shortDescription = DESCRIPTIONS[feature.name]
-    for state in spec.description.state:
+    for feature in spec.description.input:
+        mlmodel.input_description[feature.name] = DESCRIPTIONS[feature.name]
+    for feature in spec.description.output:
+        mlmodel.output_description[feature.name] = DESCRIPTIONS[feature.name]
+    for state in spec.description.state:    # coremltools has no setter for a state's description: the spec's field
         kind, layer = state.name.split("_cache_")
         state.shortDescription = (f"layer {layer} {'keys' if kind == 'k' else 'values'} [1, kv heads, max_seq_len, "
                                   "head dim], fp16, updated in place at input_pos .. input_pos + T - 1")
