@@ -54,16 +54,19 @@ def test_kv_cache_is_fp16_states_and_t_is_dynamic(example):
     assert ops["write_state"] == 2 * cfg.num_hidden_layers
 
 
-def test_fp16_program_keeps_rope_angles_fp32(example):
-    """Under fp16 compute precision the RoPE angles (position x frequency) and their sin / cos stay fp32: fp16 holds
-    position 4090 only to +-2 (an angle off by up to 2 rad at the highest frequency); everything else is fp16."""
+def test_fp16_program_keeps_rope_angles_and_activation_quantization_fp32(example):
+    """Under fp16 compute precision the RoPE angles (position x frequency) and their sin / cos stay fp32 (fp16 holds
+    position 4090 only to +-2: an angle off by up to 2 rad at the highest frequency), and so does the int8 activation
+    quantization (127 / max|v| overflows fp16 for small rows); everything else is fp16."""
     from mote.targets.coreml.report import load_spec
 
     out, report = example.export("ios")
     fn = load_spec(out / "text_decoder.mlpackage").mlProgram.functions["main"]
     ops = fn.block_specializations[fn.opset].operations
-    dtypes = {op.type: op.outputs[0].type.tensorType.dataType for op in ops if op.type in ("sin", "cos", "softmax")}
-    assert dtypes == {"sin": 11, "cos": 11, "softmax": 10}      # MIL FLOAT32 = 11, FLOAT16 = 10
+    dtypes = {kind: {op.outputs[0].type.tensorType.dataType for op in ops if op.type == kind}
+              for kind in ("sin", "cos", "softmax", "round")}
+    # MIL FLOAT32 = 11, FLOAT16 = 10; round: the int8 activation quantization, also fp32 (convert.keeps_fp32)
+    assert dtypes == {"sin": {11}, "cos": {11}, "softmax": {10}, "round": {11}}
 
 
 @pytest.mark.parametrize("shared", ["example", "odd"])
@@ -86,6 +89,10 @@ def test_routed_experts_are_uint8_codes_in_the_weight_blobs(shared, request):
     projection = {(moe.num_experts, moe.expert_intermediate_size, cfg.hidden_size),
                   (moe.num_experts, cfg.hidden_size, moe.expert_intermediate_size)}
     assert not [c.shape for c in consts if c.dtype != np.uint8 and c.shape in projection]
+    # and no float copy of any part of them: all float constants together hold no more than the model's other
+    # weights (+ the 256 x 4 byte table, rotary frequencies, scales and scalars)
+    non_routed = sum(v.numel() for k, v in load_model(model.model_dir).state_dict().items() if ".experts." not in k)
+    assert sum(c.size for c in consts if c.dtype.kind == "f") <= non_routed + 4096
     if shared == "example":
         assert report["routed_expert_bits_per_weight"] <= 2.1
     ops = report["facts"]["programs"]["text_decoder"]["ops"]
@@ -93,6 +100,22 @@ def test_routed_experts_are_uint8_codes_in_the_weight_blobs(shared, request):
     # every gather of the routed constants is indexed by the router's choice (argsort of the chosen experts)
     gathers = report["facts"]["programs"]["text_decoder"]["routed_experts"]["gathers"]
     assert gathers == {"chosen_by_router": 6 * len(moe.moe_layers)}
+
+
+def test_package_bytes_do_not_depend_on_the_process(example, tmp_path):
+    """The example exported again by another process (protobuf writes map fields in a per-process hash order unless
+    told to be deterministic; Manifest.json's identifiers are random unless rewritten): the same files, byte for byte."""
+    import subprocess
+
+    out, _ = example.export("ios")
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-m", "mote.tools.cli", "--target", "ios", str(example.model_dir), "-o",
+                    str(again), "--no-verify", "-q"], check=True)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.json")
+    assert files == sorted(str(p.relative_to(again)) for p in again.rglob("*")
+                           if p.is_file() and p.name != "report.json")
+    for name in files:
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
 
 
 def test_metadata_is_where_xcode_shows_it(export_cli, tmp_path):

@@ -102,7 +102,7 @@ def _transformers_generate(d, layout, prompt, image, max_new_tokens):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("layout,target", [("qwen2_moe", "android"), ("llava_clip", "onnx")])
+@pytest.mark.parametrize("layout,target", [("qwen2_moe", "android"), ("llava_clip", "onnx"), ("qwen2_moe", "ios")])
 def test_mote_run_generates_what_transformers_generates(tmp_path, layout, target):
     # Routed experts zero: our reference then equals transformers to float rounding, so greedy decoding through
     # the artifact must give transformers' own tokens, decoded by the directory's tokenizer.

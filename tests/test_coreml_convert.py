@@ -17,18 +17,18 @@ ct = pytest.importorskip("coremltools")
 
 from mote.export.verify import sqnr_db  # noqa: E402
 from mote.passes.ops import pack_trits  # noqa: E402
+from mote.targets.coreml import compute_precision  # noqa: E402  (the target's: fp16 with its fp32 exceptions)
 from mote.targets.coreml.convert import ROUTED_TAG, register_converters  # noqa: E402
 from mote.targets.coreml.mil_executor import MilExecutor  # noqa: E402
 
 F = torch.nn.functional
-PRECISION = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}
 
 
 def convert(module, args, path, precision="fp32", dynamic_shapes=None):
     register_converters()
     ep = torch.export.export(module.eval(), tuple(args), dynamic_shapes=dynamic_shapes)
     mlmodel = ct.convert(ep.run_decompositions({}), minimum_deployment_target=ct.target.iOS18,
-                         compute_precision=PRECISION[precision], skip_model_load=True)
+                         compute_precision=compute_precision(precision), skip_model_load=True)
     mlmodel.save(str(path))
     return path
 
@@ -48,10 +48,12 @@ class Recording(MilExecutor):
 
 
 class Moe(torch.nn.Module):
-    def __init__(self, d=48, width=40, shared=56, experts=4, top_k=1, norm=False, per_channel=False, seed=0):
+    def __init__(self, d=48, width=40, shared=56, experts=4, top_k=1, norm=False, per_channel=False, gate=False,
+                 seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.top_k, self.norm = top_k, norm
+        self.top_k, self.norm, self.d = top_k, norm, d
+        self.register_buffer("gate", torch.randn(1, d, generator=g) if gate else None)
 
         def trits(e, rows, k):
             return torch.randint(-1, 2, (e, rows, k), generator=g).float()
@@ -69,22 +71,26 @@ class Moe(torch.nn.Module):
             self.register_buffer(name, value)
 
     def forward(self, x):
-        return torch.ops.mote.moe_ffn(x, self.sg, self.su, self.sd, None, self.router, self.gp, self.gs, self.up,
+        return torch.ops.mote.moe_ffn(x, self.sg, self.su, self.sd, self.gate, self.router, self.gp, self.gs, self.up,
                                       self.us, self.dp, self.ds, self.top_k, self.norm)
 
 
 @pytest.mark.parametrize("precision, bar", [("fp32", 60.0), ("fp16", 35.0)])
-@pytest.mark.parametrize("top_k, norm, per_channel", [(1, False, False), (2, True, True)])
+@pytest.mark.parametrize("top_k, norm, per_channel, d, gate", [
+    (1, False, False, 48, False),
+    (2, True, True, 50, True),      # K = 50 and 42: the codes padded to a multiple of 4; Qwen2-MoE's shared gate
+])
 def test_moe_ffn_equals_the_reference_kernel_and_reads_only_chosen_experts(tmp_path, precision, bar, top_k, norm,
-                                                                         per_channel):
+                                                                         per_channel, d, gate):
     experts = 4
-    module = Moe(top_k=top_k, norm=norm, per_channel=per_channel, experts=experts)
+    module = Moe(d=d, width=40 if d == 48 else 42, top_k=top_k, norm=norm, per_channel=per_channel, gate=gate,
+                 experts=experts)
     seq = torch.export.Dim("seq", min=1, max=64)
-    x = torch.randn(1, 5, 48)
+    x = torch.randn(1, 5, d)
     path = convert(module, (x,), tmp_path / "moe.mlpackage", precision, dynamic_shapes=({1: seq},))
     ex = Recording(path)
     for t, seed in [(1, 1), (1, 2), (3, 3), (9, 4)]:
-        x = torch.randn(1, t, 48, generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(1, t, d, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             want = module(x)
         ex.gathered.clear()
@@ -93,6 +99,27 @@ def test_moe_ffn_equals_the_reference_kernel_and_reads_only_chosen_experts(tmp_p
         # gate, up and down codes of min(T x k, E) experts: k at decode, never a copy per token
         assert len(ex.gathered) == 3
         assert {shape[0] for shape in ex.gathered} == {min(t * top_k, experts)}
+
+
+def test_fp16_activation_quantization_of_tiny_and_zero_rows(tmp_path):
+    """In an fp16 program 127 / max|v| overflows once max|v| < 2e-3 (and inf * 0 is NaN): the quantization runs in
+    fp32. Tiny inputs, and an all-zero expert (what a dead or pruned expert gives every token), stay finite and match
+    the reference."""
+    module = Moe()
+    with torch.no_grad():
+        module.gp[1].fill_(0b10101010)     # expert 1: every trit 0
+        module.up[1].fill_(0b10101010)
+    seq = torch.export.Dim("seq", min=1, max=64)
+    path = convert(module, (torch.randn(1, 5, 48),), tmp_path / "moe.mlpackage", "fp16", dynamic_shapes=({1: seq},))
+    ex = MilExecutor(path)
+    for scale in (1.0, 1e-4):
+        x = torch.randn(1, 9, 48, generator=torch.Generator().manual_seed(5)) * scale
+        with torch.no_grad():
+            want = module(x)
+        got = torch.from_numpy(ex.predict({"x": x.numpy()})[ex.outputs[0]].astype(np.float32))
+        assert torch.isfinite(got).all()
+        if scale == 1.0:    # (at 1e-4 the outputs, ~1e-9, are below fp16's smallest number: zeros, not NaN)
+            assert sqnr_db(want, got) >= 35.0, sqnr_db(want, got)
 
 
 def test_moe_ffn_keeps_the_codes_uint8(tmp_path):

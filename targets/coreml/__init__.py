@@ -9,8 +9,9 @@ run) or fp32 (CPU only).
 Routed experts: uint8 constants of the packed 2-bit codes (four per byte, exactly the canonical storage), gathered by
 the router's choice and decoded by a 256-entry table (convert.py). Apple documents that palettized weights
 (`constexpr_lut_to_dense`) stay compressed in memory only where Core ML decompresses them just in time, mostly on the
-Neural Engine; elsewhere they are decompressed at load, to fp16 (8x the 2-bit size). The gathered uint8 codes stay
-2-bit on every compute unit, and at decode only the k chosen experts' bytes are read.
+Neural Engine; elsewhere they are decompressed at load, to fp16 (8x the 2-bit size). Here the uint8 codes are plain
+constants the program gathers from (no dense copy of the experts in it), and a decode step gathers only the k chosen
+experts' codes.
 
 Verification on Linux: there is no Core ML runtime here, so the saved packages run in `mil_executor.MilExecutor`
 (coremltools' own per-op `value_inference` walked over the saved program, fp16 rounding per op, states as arrays);
@@ -69,8 +70,11 @@ def compute_precision(name: str):
 
     if name == "fp32":
         return ct.precision.FLOAT32
+    from .convert import keeps_fp32
+
     memo: dict = {}
-    return ct.transform.FP16ComputePrecision(op_selector=lambda op: not _feeds_only_rope(op, memo))
+    return ct.transform.FP16ComputePrecision(
+        op_selector=lambda op: not (_feeds_only_rope(op, memo) or keeps_fp32(op)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,19 @@ def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metad
                                   "head dim], fp16, updated in place at input_pos .. input_pos + T - 1")
 
 
+def canonical_spec(package: Path) -> None:
+    """model.mlmodel serialized deterministically: coremltools writes it with plain SerializeToString, and protobuf
+    writes map fields (an op's inputs and attributes, the metadata) in a hash order seeded per process."""
+    from coremltools.proto import Model_pb2
+
+    from .report import spec_path
+
+    path = spec_path(package)
+    spec = Model_pb2.Model()
+    spec.ParseFromString(path.read_bytes())
+    path.write_bytes(spec.SerializeToString(deterministic=True))
+
+
 def canonical_manifest(package: Path) -> None:
     """The package's Manifest.json with identifiers derived from each item's path instead of random UUIDs."""
     path = package / "Manifest.json"
@@ -149,6 +166,7 @@ def to_mlpackage(ep, path: Path, name: str, model, max_seq_len: int, precision: 
     del decomposed
     _describe(mlmodel, name, model, max_seq_len, precision, metadata)
     mlmodel.save(str(path))
+    canonical_spec(path)
     canonical_manifest(path)
 
 

@@ -13,12 +13,14 @@ The `mote::` ops become MIL that keeps the routed experts as their packed 2-bit 
                                                                        each byte to its four trits by a 256x4 table
         Y[u]    = bitlinear(silu(bitlinear(x, W_gate_u)) * bitlinear(x, W_up_u), W_down_u)     every token, each u
         y       = shared + sum_u P[u] Y[u],   P[u, t] = sum_j p[t, j] [i[t, j] = ids[u]]
-    mote.ternary_linear -> bitlinear(x, LUT[codes]) (the whole matrix decoded, as there is one)
+    mote.ternary_linear -> not converted: the pass pipeline leaves none outside the fused blocks (check_moe_fused),
+                           and coremltools would fold a constant matrix's decode into a dense float copy
     aten.index_copy     -> scatter(mode="update") along the dim (how the KV cache states are written)
 
 `bitlinear(v, T, s)` is the reference's (Q8(v) . T^T) s_v s written as (Q8(v) s_v) . T^T s: the same product, but
 the matmul sees activations of the size of v instead of integers up to 127 (an fp16 program would overflow summing
-127 x 4864 at the Qwen2.5-0.5B expert width; fp16 holds at most 65504).
+127 x 4864 at the Qwen2.5-0.5B expert width; fp16 holds at most 65504). Q8 itself is computed in fp32 even in an
+fp16 program (`keeps_fp32`).
 
 Memory: a call decodes at most min(N * k, E) experts once each, however long the prompt (never T x k decoded
 copies); at decode (N = 1) exactly the k chosen experts' codes are read.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 ROUTED_TAG = "__routed_"
+Q8_TAG = "__q8_"
 
 
 def _byte_trits() -> np.ndarray:
@@ -40,15 +43,25 @@ def _byte_trits() -> np.ndarray:
     return TRITS_OF_BYTE.numpy()
 
 
-def _quantized(mb, v):
+def _quantized(mb, v, name: str):
     """Q8(v) * s_v: the reference's per-token symmetric int8 activation (semantics.quantize_activations), kept in
-    the scale of v (see the module docstring)."""
+    the scale of v (see the module docstring). Its ops are named `<name>__q8_*` and computed in fp32 even in an fp16
+    program (`keeps_fp32`): in fp16, 127 / max|v| overflows to inf once max|v| < 2e-3 (an all-zero expert's
+    activations, or any tiny row), and inf * 0 is NaN in every token's sum."""
     from mote.export.semantics import ACT_EPS, Q_MAX, Q_MIN
 
-    amax = mb.maximum(x=mb.reduce_max(x=mb.abs(x=v), axes=[-1], keep_dims=True), y=np.float32(ACT_EPS))
-    q = mb.clip(x=mb.round(x=mb.mul(x=v, y=mb.real_div(x=np.float32(Q_MAX), y=amax))),
-                alpha=np.float32(Q_MIN), beta=np.float32(Q_MAX))
-    return mb.mul(x=q, y=mb.real_div(x=amax, y=np.float32(Q_MAX)))
+    tag = f"{name}{Q8_TAG}"
+    amax = mb.maximum(x=mb.reduce_max(x=mb.abs(x=v, name=f"{tag}abs"), axes=[-1], keep_dims=True,
+                                      name=f"{tag}amax"), y=np.float32(ACT_EPS), name=f"{tag}clamped")
+    scaled = mb.mul(x=v, y=mb.real_div(x=np.float32(Q_MAX), y=amax, name=f"{tag}inv_scale"), name=f"{tag}scaled")
+    q = mb.clip(x=mb.round(x=scaled, name=f"{tag}round"), alpha=np.float32(Q_MIN), beta=np.float32(Q_MAX),
+                name=f"{tag}clip")
+    return mb.mul(x=q, y=mb.real_div(x=amax, y=np.float32(Q_MAX), name=f"{tag}scale"), name=f"{tag}dequantized")
+
+
+def keeps_fp32(op) -> bool:
+    """The ops an fp16 program must still compute in fp32: the activation quantization (`_quantized`)."""
+    return Q8_TAG in op.name
 
 
 def _decoded(mb, codes, k: int, name: str):
@@ -61,9 +74,10 @@ def _decoded(mb, codes, k: int, name: str):
     return flat
 
 
-def _bitlinear(mb, v, trits, scale):
-    """v [.., N, K] through trits [.., out, K] with scale [.., 1|out] -> [.., N, out] (the reference's bitlinear)."""
-    acc = mb.matmul(x=_quantized(mb, v), y=trits, transpose_y=True)
+def _bitlinear(mb, quantized, trits, scale):
+    """`_quantized` activations [.., N, K] through trits [.., out, K] with scale [.., 1|out] -> [.., N, out]: the
+    reference's bitlinear."""
+    acc = mb.matmul(x=quantized, y=trits, transpose_y=True)
     return mb.mul(x=acc, y=mb.expand_dims(x=scale, axes=[-2]))
 
 
@@ -113,9 +127,10 @@ def convert_moe_ffn(context, node):
             return (_decoded(mb, got, k, f"{node.name}__decode_{proj}"),
                     mb.gather(x=scale, indices=ids, axis=0, name=f"{tag}_scale"))
 
-        h = mb.mul(x=mb.silu(x=_bitlinear(mb, flat, *gathered("gate", gate_c, gate_s, gate_k))),
-                   y=_bitlinear(mb, flat, *gathered("up", up_c, up_s, up_k)))          # [U, N, I]
-        return _bitlinear(mb, h, *gathered("down", down_c, down_s, down_k))
+        xq = _quantized(mb, flat, f"{node.name}_x")
+        h = mb.mul(x=mb.silu(x=_bitlinear(mb, xq, *gathered("gate", gate_c, gate_s, gate_k))),
+                   y=_bitlinear(mb, xq, *gathered("up", up_c, up_s, up_k)))            # [U, N, I]
+        return _bitlinear(mb, _quantized(mb, h, f"{node.name}_h"), *gathered("down", down_c, down_s, down_k))
 
     context.add(_moe_block(mb, node.name, a.x, a.shared, a.shared_expert_gate, a.router, int(a.top_k.val),
                            bool(a.norm_topk_prob.val), a.gate_packed.shape[0], routed))
@@ -139,17 +154,6 @@ def convert_moe_ffn_float(context, node):
 
     context.add(_moe_block(mb, node.name, x, (shared_gate, shared_up, shared_down), shared_expert_gate, router,
                            int(top_k.val), bool(norm.val), gate_w.shape[0], routed))
-
-
-def convert_ternary_linear(context, node):
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-
-    x, codes, scale, in_features = _get_inputs(context, node, expected=4)
-    k = int(in_features.val)
-    trits = _decoded(mb, codes, k, f"{node.name}__ternary_trits")
-    out = mb.matmul(x=_quantized(mb, x), y=trits, transpose_y=True)
-    context.add(mb.mul(x=out, y=mb.reshape(x=scale, shape=[-1]), name=node.name))
 
 
 def convert_index_copy(context, node):
@@ -227,7 +231,6 @@ def register_converters() -> None:
 
     register_torch_op(convert_moe_ffn, torch_alias=["mote::moe_ffn"], override=True)
     register_torch_op(convert_moe_ffn_float, torch_alias=["mote_bench::moe_ffn_float"], override=True)
-    register_torch_op(convert_ternary_linear, torch_alias=["mote::ternary_linear"], override=True)
     register_torch_op(convert_index_copy, torch_alias=["index_copy"], override=True)
     register_torch_op(convert_gelu, torch_alias=["gelu"], override=True)
     register_torch_op(convert_reciprocal, torch_alias=["reciprocal"], override=True)

@@ -205,9 +205,12 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
             by_router, every = r["gathers"].get("chosen_by_router", 0), r["gathers"].get("every_expert", 0)
             dtypes = ", ".join(sorted({t["dtype"] for t in r["tensors"]}))
             k = "/".join(map(str, r["top_k"]))
-            notes.append(f"{name}: the routed experts' {len(r['tensors'])} constants ({dtypes}) are read by "
-                         f"{by_router} gathers indexed by the router's choice"
-                         + (f" and {every} gathers of every expert" if every else "")
-                         + f": a call reads min(T x k, E) experts once each (k = {k}: only the chosen experts at "
-                           "decode, and no per-token copies of an expert in a prefill)")
+            line = (f"{name}: the routed experts' {len(r['tensors'])} constants ({dtypes}) are read by {by_router} "
+                    "gathers indexed by an argsort of the experts the router chose")
+            if every:
+                line += f", and {every} gathers of every expert"
+            else:
+                line += (f" (top-{k}): the program gathers no expert the call's tokens did not choose, beyond the "
+                         "first min(T x k, E) of the argsort, and no per-token copy of an expert")
+            notes.append(line)
     return notes
