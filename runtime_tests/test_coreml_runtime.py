@@ -104,7 +104,8 @@ def test_routed_experts_are_uint8_codes_in_the_weight_blobs(shared, request):
 
 def test_package_bytes_do_not_depend_on_the_process(example, tmp_path):
     """The example exported again by another process (protobuf writes map fields in a per-process hash order unless
-    told to be deterministic; Manifest.json's identifiers are random unless rewritten): the same files, byte for byte."""
+    told to be deterministic; Manifest.json's identifiers are random unless rewritten): the same files, byte for
+    byte."""
     import subprocess
 
     out, _ = example.export("ios")

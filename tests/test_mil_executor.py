@@ -2,10 +2,10 @@
 
 Each test builds a tiny torch module, exports it, converts it with coremltools to an iOS 18 mlprogram, saves the
 package, runs the package through the executor and compares with torch. The executor is what verifies our Core ML
-target on Linux, so it is checked against an independent reference here: a wrong executor cannot make a wrong model
-look right. (Where stock coremltools converts an op into something else, our converters replace it; those are
-tested in test_coreml_convert.py, which registers them for the whole process.) fp32 programs must match torch to ~1e-5; fp16 programs must equal torch's fp16-rounded result (to one
-fp16 ulp: numpy and torch may accumulate a matmul in a different order).
+target on Linux, so it is checked against an independent reference here. (Where stock coremltools converts an op
+into something else, our converters replace it; those are tested in test_coreml_convert.py, which registers them
+for the whole process.) fp32 programs must match torch to ~1e-5; fp16 programs must equal torch's fp16-rounded
+result (to one fp16 ulp: numpy and torch may accumulate a matmul in a different order).
 """
 from __future__ import annotations
 

@@ -386,8 +386,9 @@ def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
     ]
     float_bits = sorted({r["fp32"]["bits_per_weight"] for r in rows} - {32.0})
     if float_bits:
-        out.append(f"the fp32 variant's experts are stored at {'/'.join(f'{b:g}' for b in float_bits)} bits per weight: "
-                   f"{target_name}'s programs hold their float weights in the precision they compute in")
+        bits = "/".join(f"{b:g}" for b in float_bits)
+        out.append(f"the fp32 variant's experts are stored at {bits} bits per weight: {target_name}'s programs hold "
+                   "their float weights in the precision they compute in")
     profiled = [r for r in rows if "profile" in r]
     if profiled:
         p = profiled[0]["profile"]
