@@ -514,13 +514,8 @@ def latency_records(rows: list[dict]) -> list[dict]:
 def format_table(result: dict) -> str:
     """The same tables for every target: sizes, latencies, expert-count scaling, then the models, environment, notes."""
     st, rows = result["settings"], result["rows"]
-    from mote.targets import get_target
-
-    caveat = get_target(result["target"]).timing_caveat
     lines = [f"{PROG} --target {result['target']} ({st['mode']} mode): ternary vs fp32 routed experts, same model, "
              "same runtime (x = fp32 / ternary, > 1: ternary smaller / faster)", ""]
-    if caveat:
-        lines[1:1] = [f"latency is {caveat}"]
     lines += table_lines(SIZE_COLUMNS, rows) + [""]
     lines += table_lines(LATENCY_COLUMNS, latency_records(rows))
     if result["scaling"]:

@@ -32,7 +32,8 @@ from mote.export.verify import Tolerance
 from mote.targets import CommonOptions, Lowered, RoutedExpertStorage, Target, TargetOptions, cli_flag, quiet_toolchain
 from mote.targets.lowering import routed_expert_weights, use_float_experts
 
-from .report import read_back, render_deviations, render_notes, routed_experts
+from .report import (load_spec, read_back, render_deviations, render_notes, routed_experts, routed_totals,
+                     spec_path, weights_path)
 
 OUTPUTS = {"vision_encoder": "image_embeds", "token_embedding": "embeds", "text_decoder": "logits"}
 DESCRIPTIONS = {
@@ -128,14 +129,7 @@ def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metad
 def canonical_spec(package: Path) -> None:
     """model.mlmodel serialized deterministically: coremltools writes it with plain SerializeToString, and protobuf
     writes map fields (an op's inputs and attributes, the metadata) in a hash order seeded per process."""
-    from coremltools.proto import Model_pb2
-
-    from .report import spec_path
-
-    path = spec_path(package)
-    spec = Model_pb2.Model()
-    spec.ParseFromString(path.read_bytes())
-    path.write_bytes(spec.SerializeToString(deterministic=True))
+    spec_path(package).write_bytes(load_spec(package).SerializeToString(deterministic=True))
 
 
 def canonical_manifest(package: Path) -> None:
@@ -199,11 +193,11 @@ class CoreMLTarget(Target):
         return ExecutorRunner(Path(out_dir), max_seq_len)
 
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
-        found = {p.name: routed_experts(p) for p in sorted(Path(out_dir).glob("*.mlpackage"))}
-        holding = [name for name, r in found.items() if r["tensors"]]
-        return RoutedExpertStorage(bytes=sum(r["bytes"] for r in found.values()),
-                                   tensors=sum(len(r["tensors"]) for r in found.values()),
-                                   where=", ".join(f"{n}/Data/com.apple.CoreML/weights/weight.bin" for n in holding))
+        found = {p: routed_experts(p) for p in sorted(Path(out_dir).glob("*.mlpackage"))}
+        total = routed_totals(found.values())
+        holding = [weights_path(p).relative_to(out_dir) for p, r in found.items() if r["tensors"]]
+        return RoutedExpertStorage(bytes=total["bytes"], tensors=total["tensors"],
+                                   where=", ".join(map(str, holding)))
 
     def runtime_versions(self) -> dict[str, str]:
         from importlib.metadata import version

@@ -93,9 +93,10 @@ def _chosen_by_router(op, by_output, depth: int = 12) -> bool:
     return False
 
 
-def routed_experts(package: Path) -> dict:
-    """The routed-expert constants a program reads, with their bytes from the weight blobs, and how it reads them."""
-    ops = _operations(load_spec(package))
+def routed_experts(package: Path, ops=None) -> dict:
+    """The routed-expert constants a program reads, with their bytes from the weight blobs, and how it reads them
+    (`ops`: the program's operations when the caller has read its spec already)."""
+    ops = _operations(load_spec(package)) if ops is None else ops
     by_output = {out.name: op for op in ops for out in op.outputs}
     blobs = _Blobs(weights_path(package))
     tensors, reads = {}, Counter()
@@ -158,15 +159,19 @@ def read_program(package: Path) -> dict:
         "op_outputs_by_dtype": _precision(ops),
         "metadata": {"author": d.metadata.author, "license": d.metadata.license, "version": d.metadata.versionString,
                      "short_description": d.metadata.shortDescription},
-        "routed_experts": routed_experts(package),
+        "routed_experts": routed_experts(package, ops),
     }
+
+
+def routed_totals(per_program) -> dict:
+    """Bytes and constants of the routed experts over `routed_experts` results of several programs."""
+    per_program = list(per_program)
+    return {"bytes": sum(r["bytes"] for r in per_program), "tensors": sum(len(r["tensors"]) for r in per_program)}
 
 
 def read_back(packages: dict[str, Path]) -> dict:
     programs = {name: read_program(path) for name, path in packages.items()}
-    return {"programs": programs,
-            "routed_experts": {"bytes": sum(p["routed_experts"]["bytes"] for p in programs.values()),
-                               "tensors": sum(len(p["routed_experts"]["tensors"]) for p in programs.values())}}
+    return {"programs": programs, "routed_experts": routed_totals(p["routed_experts"] for p in programs.values())}
 
 
 def render_deviations(facts: dict) -> list[str]:
