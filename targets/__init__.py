@@ -17,6 +17,7 @@ REGISTRY = {
     "android": "mote.targets.executorch",
     "ios": "mote.targets.coreml",
     "onnx": "mote.targets.onnx",
+    "tvm": "mote.targets.tvm",
 }
 
 

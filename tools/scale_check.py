@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from mote.export.config import parse_config
 from mote.export.model import MoteForConditionalGeneration
+from mote.export.tensor_file import write_safetensors
 from mote.tools.make_random_model import random_config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -94,22 +95,8 @@ def write_model(out_dir: Path, cfg_dict: dict, seed: int = 0, layout: str = "sha
 
 
 def _write_streaming(path: Path, names: list[str], shapes: dict, make) -> int:
-    """One safetensors file (bf16 tensors in `names` order) written tensor by tensor: the header first (the shapes
-    are known), then each tensor's bytes as `make(name)` produces them."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for n in names:
-        nbytes = 2 * math.prod(shapes[n])
-        header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for n in names:
-            t = make(n)
-            assert t.dtype == torch.bfloat16 and tuple(t.shape) == shapes[n]
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return offset
+    """One safetensors file (bf16 tensors in `names` order) written tensor by tensor."""
+    return write_safetensors(path, [(n, torch.bfloat16, shapes[n]) for n in names], make)
 
 
 def loaded_weights(model) -> int:

@@ -1,0 +1,108 @@
+"""What report.json says about a TVM export, read back from the written files: the manifest, the libraries' ELF
+headers (which architecture each one is really for) and the params files' safetensors headers (the bytes the routed
+experts take)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mote.export.tensor_file import read_header
+
+from .build import HOST
+
+MANIFEST = "manifest.json"
+ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
+
+
+def library_path(out_dir: Path, program: str, arch: str) -> Path:
+    return Path(out_dir) / f"{program}.{arch}.so"
+
+
+def params_path(out_dir: Path, program: str) -> Path:
+    return Path(out_dir) / f"{program}.safetensors"
+
+
+def load_manifest(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / MANIFEST).read_text())
+
+
+def elf_machine(path: Path) -> int | None:
+    """e_machine of an ELF file (None if it is not one)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def tensor_bytes(header: dict, names: list[str]) -> int:
+    return sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names)
+
+
+def routed_expert_bytes(out_dir: Path) -> dict:
+    """The routed experts' codes and scales, by the manifest's names, sized from the params files' headers."""
+    manifest = load_manifest(out_dir)
+    total, tensors, where = 0, 0, []
+    for name, entry in manifest["programs"].items():
+        names = entry["routed_expert_weights"]
+        if names:
+            header = read_header(Path(out_dir) / entry["params_file"])
+            total += tensor_bytes(header, names)
+            tensors += len(names)
+            where.append(entry["params_file"])
+    return {"bytes": total, "tensors": tensors, "where": ", ".join(where)}
+
+
+def read_back(out_dir: Path) -> dict:
+    out_dir = Path(out_dir)
+    manifest = load_manifest(out_dir)
+    facts: dict = {"architectures": manifest["architectures"], "libraries": {}, "params": {}, "programs": {}}
+    files = []
+    for name, entry in manifest["programs"].items():
+        for arch in manifest["architectures"]:
+            path = library_path(out_dir, name, arch)
+            machine = elf_machine(path)
+            facts["libraries"][path.name] = {"architecture": arch, "elf_machine": ELF_MACHINES.get(machine, machine),
+                                             "bytes": path.stat().st_size}
+            files.append(path.name)
+        header = read_header(out_dir / entry["params_file"])
+        names = [k for k in header if k != "__metadata__"]
+        facts["params"][entry["params_file"]] = {"tensors": len(names), "bytes": tensor_bytes(header, names)}
+        files.append(entry["params_file"])
+        facts["programs"][name] = {"kernels": entry["kernels"],
+                                   "linears_left_to_tvm": entry["relax_ops"].get("relax.linear", 0),
+                                   "T": entry.get("T"), "kv_cache": entry.get("kv_cache")}
+    facts["files"] = sorted(files)
+    facts["routed_experts"] = routed_expert_bytes(out_dir)
+    facts["android"] = "android-arm64" in manifest["architectures"]
+    return facts
+
+
+def render_notes(facts: dict, weights: int) -> list[str]:
+    routed = facts["routed_experts"]
+    decoder = facts["programs"]["text_decoder"]
+    kernels = ", ".join(f"{k} x{n}" for k, n in sorted(decoder["kernels"].items()))
+    notes = [
+        f"routed experts: {routed['tensors']} tensors, {routed['bytes']} bytes in {routed['where']} for {weights} "
+        f"weights ({routed['bytes'] * 8 / max(weights, 1):.3f} bits/weight): 2-bit codes and scales, which the "
+        "routed-experts kernel reads only for the experts the router chose (it takes the top-k indices)",
+        f"text_decoder kernels (ours, TensorIR): {kernels}; linears left to TVM's default lowering: "
+        f"{decoder['linears_left_to_tvm']}",
+    ]
+    if decoder["T"]:
+        notes.append(f"text_decoder: one program for prefill and decode, T in [{decoder['T'][0]}, {decoder['T'][1]}]; "
+                     f"KV cache as {len(decoder['kv_cache']['inputs'])} arguments updated in place")
+    for file, lib in sorted(facts["libraries"].items()):
+        arch = facts["architectures"][lib["architecture"]]
+        ran = ("the build mote-export runs (relax.VirtualMachine)" if lib["architecture"] == HOST.name
+               else "built, not run here")
+        notes.append(f"{file}: ELF {lib['elf_machine']}, {arch['description']}; {ran}")
+    if not facts["android"] and any(lib["elf_machine"] == "AArch64" for lib in facts["libraries"].values()):
+        notes.append("the aarch64 libraries are glibc (linux) builds; set TVM_NDK_CC to an Android NDK clang "
+                     "(e.g. aarch64-linux-android28-clang) to also build Android ones")
+    return notes
+
+
+def render_deviations(facts: dict) -> list[str]:
+    """Every kernel keeps the reference semantics (fp32, integer-exact ternary dot products): none to declare."""
+    return []

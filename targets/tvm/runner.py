@@ -1,0 +1,80 @@
+"""The host build of the three programs in `tvm.relax.VirtualMachine` (what the export verifies with).
+
+Each program's library is loaded with its params file (the weights, passed as `main`'s trailing arguments); the
+decoder's KV cache lives here as TVM tensors that the call updates in place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .build import HOST
+from .report import library_path, load_manifest
+
+
+def configure_threads(threads: int | None) -> None:
+    """TVM's thread pool is process-wide: `threads` workers from now on (None: leave TVM's default)."""
+    import tvm
+
+    if threads is not None:
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+
+
+class Program:
+    """One library + its weights."""
+
+    def __init__(self, out_dir: Path, name: str, entry: dict):
+        import tvm
+        from safetensors import safe_open
+        from tvm import relax
+
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library_path(out_dir, name, HOST.name))),
+                                       tvm.cpu())
+        with safe_open(str(Path(out_dir) / entry["params_file"]), framework="numpy") as f:
+            self.weights = [tvm.runtime.tensor(f.get_tensor(w)) for w in entry["weights"]]
+        self.entry = entry
+
+    def __call__(self, *inputs):
+        return self.vm["main"](*inputs, *self.weights)
+
+
+class VmRunner:
+    def __init__(self, out_dir: Path, max_seq_len: int, threads: int | None = None):
+        configure_threads(threads)
+        manifest = load_manifest(out_dir)
+        self.programs = {name: Program(out_dir, name, entry) for name, entry in manifest["programs"].items()}
+        self.max_seq_len = max_seq_len
+        decoder = self.programs["text_decoder"].entry
+        self.cache_specs = [i for i in decoder["inputs"] if i["name"] in decoder["kv_cache"]["inputs"]]
+        self.reset()
+
+    def reset(self):
+        import tvm
+
+        self.caches = [tvm.runtime.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.cache_specs]
+
+    @staticmethod
+    def _tensor(t, dtype):
+        import tvm
+
+        return tvm.runtime.tensor(np.ascontiguousarray(t.numpy(), dtype=dtype))
+
+    @staticmethod
+    def _torch(out):
+        import torch
+
+        return torch.from_numpy(out.numpy())
+
+    def vision_encoder(self, pixel_values):
+        return self._torch(self.programs["vision_encoder"](self._tensor(pixel_values, np.float32))[0])
+
+    def token_embedding(self, tokens):
+        return self._torch(self.programs["token_embedding"](self._tensor(tokens, np.int64))[0])
+
+    def text_decoder(self, embeds, input_pos):
+        out = self.programs["text_decoder"](self._tensor(embeds, np.float32), self._tensor(input_pos, np.int64),
+                                            *self.caches)
+        # outputs 1.. are the caches, updated in place (the same tensors as self.caches)
+        self.caches = [out[1 + i] for i in range(len(self.caches))]
+        return self._torch(out[0])
