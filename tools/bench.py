@@ -114,8 +114,9 @@ MODES = {
                    vocab=1024),
     ), max_seq_len=128, prefill_len=64, decode_prefix=64, decode_steps=50, min_seconds=1.0),
     # The smoke test (tests/test_bench_smoke.py): 4 tiny lowerings, fixed small repeat counts, numbers meaningless.
+    # Widths of 128: whole vectors of 2-bit codes for every target's kernels (the TVM kernels pad rows to 128 weights).
     "quick": Mode(shapes=(
-        ModelShape("quick (d=64)", hidden=64, expert_intermediate=64, intermediate=128, layers=1, vocab=256,
+        ModelShape("quick (d=128)", hidden=128, expert_intermediate=128, intermediate=128, layers=1, vocab=256,
                    experts=(2, 8)),
     ), max_seq_len=16, prefill_len=4, decode_prefix=2, prefill_warmup=1, prefill_repeats=2, decode_warmup=1,
         decode_steps=3),
