@@ -40,3 +40,9 @@ def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(size))
+
+
+def data_start(path: Path) -> int:
+    """Where the tensor data begins in a safetensors file (`data_offsets` count from here)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .build import HOST
+from mote.export.tensor_file import data_start, read_header
+
 from .report import library_path, load_manifest
 
 
@@ -26,18 +28,41 @@ def configure_threads(threads: int | None) -> None:
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
 
 
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "I32": np.int32,
+                "I64": np.int64}
+
+
+def load_params(path: Path, names: list[str]) -> list:
+    """The weights `names` of a params file as TVM tensors, read tensor by tensor with plain file reads (a memory
+    map would keep every page it touched resident beside TVM's copy: twice the weights at once). An array that is
+    64-byte aligned is handed to TVM by DLPack without a copy."""
+    import tvm
+
+    header, start = read_header(path), data_start(path)
+    out = []
+    for name in names:
+        info = header[name]
+        begin, end = info["data_offsets"]
+        dtype = NUMPY_DTYPES[info["dtype"]]
+        array = np.fromfile(path, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
+                            offset=start + begin).reshape(info["shape"])
+        try:
+            out.append(tvm.runtime.from_dlpack(array))
+        except (RuntimeError, BufferError):     # not 64-byte aligned: TVM takes a copy
+            out.append(tvm.runtime.tensor(array))
+    return out
+
+
 class Program:
     """One library + its weights."""
 
     def __init__(self, out_dir: Path, name: str, entry: dict):
         import tvm
-        from safetensors import safe_open
         from tvm import relax
 
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library_path(out_dir, name, HOST.name))),
                                        tvm.cpu())
-        with safe_open(str(Path(out_dir) / entry["params_file"]), framework="numpy") as f:
-            self.weights = [tvm.runtime.tensor(f.get_tensor(w)) for w in entry["weights"]]
+        self.weights = load_params(Path(out_dir) / entry["params_file"], entry["weights"])
         self.entry = entry
 
     def __call__(self, *inputs):
