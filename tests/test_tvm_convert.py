@@ -78,9 +78,10 @@ def aten_ops(ep) -> collections.Counter:
 
 
 def test_import_turns_mote_ops_and_linears_into_our_kernels(decoder):
-    """Before: mote.moe_ffn, aten.linear, aten.index_copy. After: call_tir of our routed-experts and linear kernels
-    (one per distinct shape), call_tir_inplace of the cache write; no relax.linear left to TVM's own lowering, and
-    the shared expert, router and top-k of each block around its routed-experts call."""
+    """Before: mote.moe_ffn, aten.linear, aten.matmul, aten.index_copy. After: call_tir of our routed-experts, linear
+    and batched-matmul kernels (one per distinct shape), call_tir_inplace of the cache write; no relax.linear or
+    relax.matmul left to TVM's own lowering, and the shared expert, router and top-k of each block around its
+    routed-experts call."""
     before = aten_ops(decoder)
     assert before["mote.moe_ffn.default"] == 2 and before["aten.linear.default"] > 0
     assert before["aten.index_copy.default"] == 4
@@ -90,7 +91,8 @@ def test_import_turns_mote_ops_and_linears_into_our_kernels(decoder):
         ops[call.op.name] += 1
     kernels = collections.Counter(re.sub(r"_\d+(x\d+)+(_bias)?$", "", name)   # the kind, without its shape
                                   for name, _ in build.kernel_calls(mod["main"]))
-    assert ops["relax.linear"] == 0
+    assert ops["relax.linear"] == 0 and ops["relax.matmul"] == 0
+    assert kernels["mote_batch_matmul"] == 2 * 2   # per layer: scores = q k^T, then probabilities x v
     assert kernels["mote_routed_experts"] == 2
     assert ops["relax.call_tir_inplace"] == 4 == kernels["mote_write_cache_rows"]
     # per MoE block: the shared expert's 3 linears + its gate + the router; the rest are attention and lm_head

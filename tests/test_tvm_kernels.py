@@ -5,7 +5,7 @@ PyTorch, and built for the phones' aarch64 targets and inspected (nothing here c
   partial block of rows, token runs with every remainder, zero / tiny / tie-rounding activation rows);
 - routed_experts equals the composition of export.semantics that mote.moe_ffn computes (minus the shared expert),
   top-1 and top-2, and never reads an expert no token chose; routed_experts_float equals the float SwiGLU experts;
-  linear equals F.linear;
+  linear equals F.linear; batch_matmul equals torch.matmul;
 - the same loops with the other instruction choices: x86 without AVX2 (the portable loop, as on aarch64 without
   dotprod) and, where this CPU has AVX-VNNI, its four-bytes-per-lane dot product (the loop shape of sdot);
 - aarch64: +dotprod builds use sdot, +neon builds compile without it.
@@ -251,6 +251,22 @@ def test_linear_matches_torch(n_out, k, bias):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# -- batch_matmul ------------------------------------------------------------------------------------------------------
+
+@needs_x86
+@pytest.mark.parametrize("batch, k, n", [(8, 32, 128), (8, 128, 32), (3, 37, 100)])
+def test_batch_matmul_matches_torch(batch, k, n):
+    """batch_matmul == torch.matmul up to float rounding, for both attention shapes (q @ k^T: k = head_dim, n = S;
+    p @ v: k = S, n = head_dim) and odd k and n (a last column block of whole vectors plus scalars), at decode (a
+    lone row) and at 7 and 13 tokens (full runs of rows plus remainders)."""
+    lib = compiled("host", "batch_matmul", batch, k, n)
+    g = torch.Generator().manual_seed(k + n)
+    b = torch.randn(batch, k, n, generator=g)
+    for tokens in (1, 7, 13):
+        a = torch.randn(batch, tokens, k, generator=g)
+        assert_close(run(lib, (batch, tokens, n), a.numpy(), b.numpy()), torch.matmul(a, b).numpy())
+
+
 # -- aarch64 -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target_key", ["aarch64_dotprod", "aarch64_neon"])
@@ -259,6 +275,7 @@ def test_linear_matches_torch(n_out, k, bias):
     ("routed_experts", (E, D, INTER, 2, True), True),
     ("routed_experts_float", (E, D, INTER, 2), False),
     ("linear", (37, 83, True), False),
+    ("batch_matmul", (8, 37, 100), False),
 ])
 def test_aarch64_builds(target_key, builder, sizes, ternary):
     """Every kernel compiles for the phones; the ternary ones use sdot exactly when the target has +dotprod (the

@@ -1,6 +1,6 @@
 """`mote-bench --target T`: ternary vs float32 routed experts of the same model, in the target's own runtime.
 
-    mote-bench --target {android,ios,onnx} [--quick] [--profile] [--json out.json] [--threads 1 2] [--work-dir DIR] [-v]
+    mote-bench --target {android,ios,onnx,tvm} [--quick] [--profile] [--json out.json] [--threads 1 2] [--work-dir DIR] [-v]
 
 Every target of the registry is benchmarked the same way, through the target contract only (targets/base.py):
 

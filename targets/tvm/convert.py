@@ -7,6 +7,8 @@
     mote_bench.moe_ffn_float   -> the same with call_tir(routed_experts_float, ...) (the benchmark's fp32 baseline)
     mote.ternary_linear        -> call_tir(ternary_linear, x, codes, scale)
     aten.linear                -> call_tir(linear, x, W[, b])            TVM's own CPU `linear` takes ~400 ms per step
+    aten.matmul (attention)    -> call_tir(batch_matmul, q, k^T) and (p, v) over the heads: TVM's own took a third
+                                  of a prefill
     aten.index_copy (KV cache) -> call_tir_inplace(write_cache_rows, cache, positions, rows): the cache argument is
                                   updated in place, no copy of the cache per step
     aten.where.Scalar          -> where(cond, const, const) (the importer has no converter for the scalar form)
@@ -46,6 +48,7 @@ class Converters:
             "moe_ffn_float.default": self.moe_ffn_float,
             "ternary_linear.default": self.ternary_linear,
             "linear.default": self.linear,
+            "matmul.default": self.matmul,
             "index_copy.default": self.index_copy,
             "where.Scalar": self.where_scalar,
         }
@@ -92,6 +95,24 @@ class Converters:
         args = importer.retrieve_args(node)
         x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else None
         return self._like(bb, self._linear_rows(bb, self._rows(bb, x), weight, bias), x)
+
+    def matmul(self, node, importer):
+        """Attention's batched products, [1, H, T, K] @ [1, H, K, N] (T symbolic): our batch_matmul kernel over the
+        H heads. Other ranks (none in our programs) get TVM's own matmul, as the importer would emit it."""
+        from tvm import relax
+
+        bb = importer.block_builder
+        a, b = importer.retrieve_args(node)
+        a_shape, b_shape = list(a.ty.shape), list(b.ty.shape)
+        if len(a_shape) != 4 or len(b_shape) != 4 or not all(isinstance(v, int) or hasattr(v, "value")
+                                                             for v in b_shape):
+            return bb.emit(relax.op.matmul(a, b, out_dtype="float32"))   # what the importer itself would emit
+        heads, k, n = int(b_shape[1]), int(b_shape[2]), int(b_shape[3])
+        a3 = bb.emit(relax.op.reshape(a, [a_shape[0] * a_shape[1], a_shape[2], k]))
+        b3 = bb.emit(relax.op.reshape(b, [heads, k, n]))
+        y = self._call(bb, kernels.batch_matmul(heads, k, n, self.target), f"mote_batch_matmul_{heads}x{k}x{n}",
+                       [a3, b3], [heads, a_shape[2], n])
+        return bb.emit(relax.op.reshape(y, [a_shape[0], a_shape[1], a_shape[2], n]))
 
     def ternary_linear(self, node, importer):
         bb = importer.block_builder
