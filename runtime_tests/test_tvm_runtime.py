@@ -139,13 +139,14 @@ def _objdump(path) -> str:
 
 def test_aarch64_instructions_follow_tvm_arch(example, export_cli, tmp_path):
     """The default aarch64 build (armv8.2-a+dotprod) runs the ternary kernels on sdot; `--tvm-arch armv8-a` builds
-    for cores without it: no sdot anywhere in its decoder, still NEON."""
+    for cores without it: no sdot anywhere in its decoder, NEON's widening multiply-accumulates instead."""
     out, _ = example.export("tvm")
     assert re.search(r"\bsdot\b", _objdump(out / "text_decoder.aarch64.so"))
     base = tmp_path / "armv8"
     report = export_cli("tvm", example.model_dir, base, "--tvm-arch", "armv8-a", "--no-verify")
     asm = _objdump(base / "text_decoder.aarch64.so")
     assert not re.search(r"\bsdot\b", asm)
+    assert re.search(r"\bsmlal2?\b", asm)   # the ternary dot products as widening NEON multiply-accumulates
     assert report["facts"]["architectures"]["aarch64"]["llvm_target"] == {"mattr": ["+neon"]}
 
 

@@ -1,6 +1,6 @@
 """`mote-export`: trace a MoTE model, rewrite it into ternary `mote::` ops, lower it to a target, verify it.
 
-    mote-export --target {android,ios,onnx} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify] [-v | -q]
+    mote-export --target {android,ios,onnx,tvm} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify] [-v | -q]
                 [target options: `mote-export --target T --help` lists them]
 
 Exit codes (DESIGN.md section 7): 0 success, 2 bad input or usage, 3 numerics verification failed, 1 anything else.

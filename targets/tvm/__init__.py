@@ -78,7 +78,7 @@ def lower_program(ep, name: str, arches: list[Arch], out_dir: Path) -> dict:
             mod, names = import_program(ep, arch.target())
             mod, weights = lift_weights(mod, names)
             if entry is None:
-                entry = signature(mod, name)
+                entry = signature(mod, name, [w for w, _ in weights])
                 write_params(params_path(out_dir, name), weights)
             elif [w for w, _ in weights] != entry["weights"]:
                 raise RuntimeError(f"tvm: {name}: the {arch.name} build orders its weights differently")

@@ -7,7 +7,7 @@
     build      tvm.compile(mod, target) with the default Relax pipeline; export_library links with the architecture's
                C compiler (`aarch64-linux-gnu-gcc` for the aarch64 build, the host's `gcc` for the verification build)
 
-The architectures (`ARCHES`) are fixed LLVM targets, not `-mcpu=native`, so the same input gives the same bytes on
+The architectures (`HOST`, `AARCH64`) are fixed LLVM targets, not `-mcpu=native`, so the same input gives the same bytes on
 any machine.
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ class Arch:
     triple: str            # LLVM target triple
     attrs: tuple           # the rest of the LLVM target (mcpu / mattr)
     compiler: str          # the C compiler that links the shared library
-    elf_machine: int       # ELF e_machine of the library (what the report reads back)
     description: str
 
     def target(self):
@@ -36,14 +35,13 @@ class Arch:
         return tvm.target.Target({"kind": "llvm", "mtriple": self.triple, **dict(self.attrs)})
 
 
-HOST = Arch("x86_64", "x86_64-linux-gnu", (("mcpu", "x86-64-v3"),), "gcc", 62,
-            "x86-64-v3 (AVX2, FMA) linux")
+HOST = Arch("x86_64", "x86_64-linux-gnu", (("mcpu", "x86-64-v3"),), "gcc", "x86-64-v3 (AVX2, FMA) linux")
 # --tvm-arch: the phone build. armv8.2-a+dotprod is every Arm core since Cortex-A55/A75 (2017); armv8-a is the
 # baseline for older ones (the ternary kernels then use plain NEON multiply-accumulates instead of sdot).
 AARCH64 = {
     "armv8.2-a+dotprod": Arch("aarch64", "aarch64-linux-gnu", (("mattr", ["+neon", "+dotprod"]),),
-                              "aarch64-linux-gnu-gcc", 183, "aarch64 armv8.2-a+dotprod linux (glibc)"),
-    "armv8-a": Arch("aarch64", "aarch64-linux-gnu", (("mattr", ["+neon"]),), "aarch64-linux-gnu-gcc", 183,
+                              "aarch64-linux-gnu-gcc", "aarch64 armv8.2-a+dotprod linux (glibc)"),
+    "armv8-a": Arch("aarch64", "aarch64-linux-gnu", (("mattr", ["+neon"]),), "aarch64-linux-gnu-gcc",
                     "aarch64 armv8-a linux (glibc)"),
 }
 DEFAULT_AARCH64 = "armv8.2-a+dotprod"
@@ -118,7 +116,6 @@ def lift_weights(mod, names: dict[int, str]):
     params = list(main.params) + [var for var, _ in lifted.values()]
     attrs = dict(main.attrs) if main.attrs else {}
     attrs["num_input"] = len(main.params)
-    attrs["mote.weights"] = list(lifted)   # their names, in argument order
     mod["main"] = relax.Function(params, body, main.ret_ty, main.is_pure, tvm_attrs(attrs))
     return mod, [(name, value) for name, (_, value) in lifted.items()]
 
@@ -161,14 +158,18 @@ def _shape(shape) -> list:
     return [int(v) if hasattr(v, "value") or isinstance(v, int) else "T" for v in shape]
 
 
-def signature(mod, name: str) -> dict:
+def signature(mod, name: str, weights: list[str]) -> dict:
     """The manifest entry of a lifted program: inputs, weights in argument order, outputs, the kernels called, and
-    which weights hold the routed experts (the arguments of the routed-experts kernel)."""
+    which weights hold the routed experts (the arguments of the routed-experts kernel). `weights`: the lifted
+    weights' names, in argument order."""
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
     params = list(main.params)
-    weights = list(_weight_names(mod))
-    weight_of = {p.name: weights[i - num_input] for i, p in enumerate(params) if i >= num_input}
+    lifted = list(zip(params[num_input:], weights))
+
+    def weight_of(arg):   # the weight an argument expression is, if it is one of the lifted parameters
+        return next((w for var, w in lifted if var.same_as(arg)), None)
+
     entry = {
         "inputs": [{"name": p.name, "shape": _shape(p.ty.shape), "dtype": str(p.ty.dtype)}
                    for p in params[:num_input]],
@@ -184,7 +185,7 @@ def signature(mod, name: str) -> dict:
     for kernel, args in kernel_calls(main):
         entry["kernels"][kernel] = entry["kernels"].get(kernel, 0) + 1
         if kernel.startswith("mote_routed_experts"):
-            entry["routed_expert_weights"] += [weight_of[a.name] for a in args[3:] if a.name in weight_of]
+            entry["routed_expert_weights"] += [w for w in map(weight_of, args[3:]) if w is not None]
     entry["relax_ops"] = {}
     for call in calls(main):
         op = call.op.name if hasattr(call.op, "name") else str(call.op)
@@ -194,10 +195,6 @@ def signature(mod, name: str) -> dict:
         entry["kv_cache"] = {"inputs": caches, "updated_in_place": True,
                              "aliased_outputs": list(range(1, 1 + len(caches)))}
     return entry
-
-
-def _weight_names(mod):
-    return mod["main"].attrs["mote.weights"]
 
 
 def write_params(path: Path, weights: list) -> int:
