@@ -22,7 +22,9 @@ import contextlib
 import dataclasses
 import json
 import platform
+import signal
 import sys
+import threading
 import time
 import traceback
 from importlib.metadata import version as package_version
@@ -242,6 +244,8 @@ def run(args, console: Console | None = None, argv=None) -> dict:
         report["files"] = sorted([str(p.relative_to(staging)) for p in staging.rglob("*")
                                   if p.is_file() and p.name != MARKER] + [REPORT])
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        if _interrupts.requested:
+            raise KeyboardInterrupt   # a Ctrl-C that some finalizer swallowed still means: nothing is written
         output.commit()
     finally:
         output.discard_staging()
@@ -328,7 +332,36 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+class _Interrupts:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: Python runs a signal handler at the next
+    bytecode, which may be inside a finalizer (`__del__`, a weakref callback) run by the garbage collector, where the
+    exception is printed as "ignored" and the export would go on to completion. `run` checks `requested` before it
+    commits the output."""
+
+    requested = False
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.requested = True
+        signal.default_int_handler(signum, frame)
+
+
+_interrupts = _Interrupts
+
+
 def main(argv=None) -> int:
+    """The command line (exit codes of DESIGN.md section 7), with Ctrl-C remembered while it runs (`_Interrupts`)."""
+    if threading.current_thread() is not threading.main_thread():   # signal handlers belong to the main thread
+        return _main(argv)
+    _interrupts.requested = False
+    previous = signal.signal(signal.SIGINT, _interrupts.handler)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:

@@ -41,6 +41,14 @@ class Converters:
 
     def __init__(self, target):
         self.target = target
+        self._kernels: dict = {}
+
+    def kernel(self, builder, *sizes):
+        """builder(*sizes, target), built once per shape: layers share their kernels (building one is Python work)."""
+        key = (builder.__name__, sizes)
+        if key not in self._kernels:
+            self._kernels[key] = builder(*sizes, self.target)
+        return self._kernels[key]
 
     def convert_map(self) -> dict:
         return {
@@ -84,7 +92,7 @@ class Converters:
     def _linear_rows(self, bb, rows, weight, bias=None):
         n_out, k = (int(v) for v in weight.ty.shape)
         args = [rows, weight] + ([bias] if bias is not None else [])
-        return self._call(bb, kernels.linear(n_out, k, bias is not None, self.target),
+        return self._call(bb, self.kernel(kernels.linear, n_out, k, bias is not None),
                           f"mote_linear_{n_out}x{k}" + ("_bias" if bias is not None else ""), args,
                           [rows.ty.shape[0], n_out])
 
@@ -110,7 +118,7 @@ class Converters:
         heads, k, n = int(b_shape[1]), int(b_shape[2]), int(b_shape[3])
         a3 = bb.emit(relax.op.reshape(a, [a_shape[0] * a_shape[1], a_shape[2], k]))
         b3 = bb.emit(relax.op.reshape(b, [heads, k, n]))
-        y = self._call(bb, kernels.batch_matmul(heads, k, n, self.target), f"mote_batch_matmul_{heads}x{k}x{n}",
+        y = self._call(bb, self.kernel(kernels.batch_matmul, heads, k, n), f"mote_batch_matmul_{heads}x{k}x{n}",
                        [a3, b3], [heads, a_shape[2], n])
         return bb.emit(relax.op.reshape(y, [a_shape[0], a_shape[1], a_shape[2], n]))
 
@@ -120,7 +128,7 @@ class Converters:
         n_out = int(codes.ty.shape[0])
         rows = self._rows(bb, x)
         per_channel = int(scale.ty.shape[0]) != 1
-        y = self._call(bb, kernels.ternary_linear(n_out, k, per_channel, self.target),
+        y = self._call(bb, self.kernel(kernels.ternary_linear, n_out, k, per_channel),
                        f"mote_ternary_linear_{n_out}x{k}",
                        [rows, codes, scale], [rows.ty.shape[0], n_out])
         return self._like(bb, y, x)
@@ -153,7 +161,7 @@ class Converters:
         experts, width, _ = (int(v) for v in args.gate_packed.ty.shape)
         d = int(rows.ty.shape[1])
         per_channel = int(args.gate_scale.ty.shape[-1]) != 1
-        kernel = kernels.routed_experts(experts, d, width, args.top_k, per_channel, self.target)
+        kernel = self.kernel(kernels.routed_experts, experts, d, width, args.top_k, per_channel)
         routed = self._call(bb, kernel, f"mote_routed_experts_{experts}x{width}x{d}",
                             [rows, top_i, top_p, *args.routed_operands()],
                             rows.ty.shape)
@@ -171,7 +179,7 @@ class Converters:
         rows = self._rows(bb, x)
         shared, top_p, top_i = self._shared_and_routing(bb, args, rows)
         experts, width, d = (int(v) for v in gate_w.ty.shape)
-        kernel = kernels.routed_experts_float(experts, d, width, top_k, self.target)
+        kernel = self.kernel(kernels.routed_experts_float, experts, d, width, top_k)
         routed = self._call(bb, kernel, f"mote_routed_experts_float_{experts}x{width}x{d}",
                             [rows, top_i, top_p, gate_w, up_w, down_w],
                             rows.ty.shape)
