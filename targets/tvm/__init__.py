@@ -33,6 +33,11 @@ from .build import AARCH64, DEFAULT_AARCH64, HOST, Arch, check_compiler
 from .report import (MANIFEST, library_path, params_path, read_back, render_deviations, render_notes,
                      routed_expert_bytes)
 
+# TVM sizes its thread pool once per process, at its first use, to TVM_NUM_THREADS (default: half the logical CPUs,
+# 1 on this 2-CPU machine); `runtime.config_threadpool` can then only choose fewer. Every CPU, so that a runner can
+# be given 1 .. cpu_count threads (runner.configure_threads); a user's own setting is kept.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
 
 @dataclasses.dataclass(frozen=True)
 class TvmOptions(TargetOptions):

@@ -5,7 +5,6 @@ decoder's KV cache lives here as TVM tensors that the call updates in place.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,12 @@ from .report import library_path, load_manifest
 
 
 def configure_threads(threads: int | None) -> None:
-    """TVM's thread pool is process-wide: `threads` workers from now on (None: leave TVM's default, which on x86 is
-    half the logical CPUs, to skip hyper-threads). The pool caps its size at TVM_NUM_THREADS (read at each
-    reconfiguration), so that is set first; config_threadpool(1, n) then restarts the workers ("big" cores: all of
-    them on a machine without a big.LITTLE split)."""
+    """TVM's thread pool is process-wide: `threads` workers from now on (None: leave it as it is; its size is set
+    in targets/tvm/__init__.py). config_threadpool(1, n): the "big" cores, all of them on a machine without a
+    big.LITTLE split."""
     import tvm
 
     if threads is not None:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
 
 
