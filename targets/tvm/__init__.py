@@ -9,7 +9,7 @@ Artifacts, per program (`vision_encoder`, `token_embedding`, `text_decoder`):
   the weights as trailing arguments in the order `manifest.json` lists them;
 - `manifest.json`: how to call each program: its inputs (shapes, dtypes, the symbolic T and its bounds), the weight
   order, outputs, and the KV cache (`k_caches_i` / `v_caches_i` [1, kv heads, max_seq_len, head dim] float32,
-  updated in place by the call: outputs 1.. are the same tensors as those inputs).
+  updated in place by the call; the decoder also returns them, as outputs 1..).
 
 The decoder takes a dynamic T in [1, max_seq_len] (one symbolic variable): one program prefills and decodes. The
 `mote::` ops become calls of our TensorIR kernels (`kernels.py`, see `convert.py`): the routed experts' 2-bit codes
@@ -57,7 +57,7 @@ def android_arch(base: Arch) -> Arch | None:
     if not compiler:
         return None
     return dataclasses.replace(base, name="android-arm64", triple="aarch64-linux-android", compiler=compiler,
-                               description=base.description.replace("linux (glibc)", "android (bionic, NDK)"))
+                               description=base.description.replace("linux", "android (NDK)"))
 
 
 def arches_for(options: TvmOptions) -> list[Arch]:
@@ -83,7 +83,7 @@ def lower_program(ep, name: str, arches: list[Arch], out_dir: Path) -> dict:
             mod, names = import_program(ep, arch.target())
             mod, weights = lift_weights(mod, names)
             if entry is None:
-                entry = signature(mod, name, [w for w, _ in weights])
+                entry = signature(mod, name, [w for w, _ in weights], params_path(out_dir, name).name)
                 write_params(params_path(out_dir, name), weights)
             elif [w for w, _ in weights] != entry["weights"]:
                 raise RuntimeError(f"tvm: {name}: the {arch.name} build orders its weights differently")
@@ -124,7 +124,8 @@ class TvmTarget(Target):
                        notes=render_notes(facts, weights), facts=facts)
 
     def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None):
-        from .runner import VmRunner
+        from .runner import VmRunner, check_host
+        check_host()
 
         return VmRunner(Path(out_dir), max_seq_len, threads=threads)
 

@@ -5,10 +5,10 @@
                after the program's own inputs, in first-use order: the library holds code, the params file holds the
                weights once for every architecture
     build      tvm.compile(mod, target) with the default Relax pipeline; export_library links with the architecture's
-               C compiler (`aarch64-linux-gnu-gcc` for the aarch64 build, the host's `gcc` for the verification build)
+               C compiler (`aarch64-linux-gnu-gcc` for the aarch64 build, `gcc` for the host build the export verifies)
 
-The architectures (`HOST`, `AARCH64`) are fixed LLVM targets, not `-mcpu=native`, so the same input gives the same bytes on
-any machine.
+The architectures (`HOST`, `AARCH64`) are fixed LLVM targets, not `-mcpu=native`, so the same input gives the same
+bytes on any machine.
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ class Arch:
         return tvm.target.Target({"kind": "llvm", "mtriple": self.triple, **dict(self.attrs)})
 
 
-HOST = Arch("x86_64", "x86_64-linux-gnu", (("mcpu", "x86-64-v3"),), "gcc", "x86-64-v3 (AVX2, FMA) linux")
+HOST = Arch("x86_64", "x86_64-linux-gnu", (("mcpu", "x86-64-v3"),), "gcc", "x86-64-v3 (AVX2, FMA), linux")
 # --tvm-arch: the phone build. armv8.2-a+dotprod is every Arm core since Cortex-A55/A75 (2017); armv8-a is the
 # baseline for older ones (the ternary kernels then use plain NEON multiply-accumulates instead of sdot).
 AARCH64 = {
     "armv8.2-a+dotprod": Arch("aarch64", "aarch64-linux-gnu", (("mattr", ["+neon", "+dotprod"]),),
-                              "aarch64-linux-gnu-gcc", "aarch64 armv8.2-a+dotprod linux (glibc)"),
+                              "aarch64-linux-gnu-gcc", "aarch64 armv8.2-a+dotprod, linux"),
     "armv8-a": Arch("aarch64", "aarch64-linux-gnu", (("mattr", ["+neon"]),), "aarch64-linux-gnu-gcc",
-                    "aarch64 armv8-a linux (glibc)"),
+                    "aarch64 armv8-a, linux"),
 }
 DEFAULT_AARCH64 = "armv8.2-a+dotprod"
 
@@ -131,10 +131,8 @@ def build_library(mod, arch: Arch, path: Path) -> None:
     import tvm
     from tvm.support import cc
 
-    check_compiler(arch)
     executable = tvm.compile(mod, target=arch.target())
-    fcompile = cc.cross_compiler(arch.compiler) if arch is not HOST else None
-    executable.export_library(str(path), fcompile=fcompile)
+    executable.export_library(str(path), fcompile=cc.cross_compiler(arch.compiler))
 
 
 def calls(func) -> list:
@@ -158,7 +156,7 @@ def _shape(shape) -> list:
     return [int(v) if hasattr(v, "value") or isinstance(v, int) else "T" for v in shape]
 
 
-def signature(mod, name: str, weights: list[str]) -> dict:
+def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
     """The manifest entry of a lifted program: inputs, weights in argument order, outputs, the kernels called, and
     which weights hold the routed experts (the arguments of the routed-experts kernel). `weights`: the lifted
     weights' names, in argument order."""
@@ -174,7 +172,7 @@ def signature(mod, name: str, weights: list[str]) -> dict:
         "inputs": [{"name": p.name, "shape": _shape(p.ty.shape), "dtype": str(p.ty.dtype)}
                    for p in params[:num_input]],
         "weights": weights,
-        "params_file": f"{name}.safetensors",
+        "params_file": params_file,
         "outputs": [{"shape": _shape(t.shape), "dtype": str(t.dtype)} for t in main.ret_ty.fields],
         "kernels": {},
         "routed_expert_weights": [],
@@ -185,15 +183,20 @@ def signature(mod, name: str, weights: list[str]) -> dict:
     for kernel, args in kernel_calls(main):
         entry["kernels"][kernel] = entry["kernels"].get(kernel, 0) + 1
         if kernel.startswith("mote_routed_experts"):
-            entry["routed_expert_weights"] += [w for w in map(weight_of, args[3:]) if w is not None]
+            routed = [weight_of(a) for a in args[3:]]
+            if None in routed:   # every code / scale operand must be a stored weight, or the storage figure is short
+                raise RuntimeError(f"tvm: {name}: an operand of {kernel} is not one of the program's weights")
+            entry["routed_expert_weights"] += routed
     entry["relax_ops"] = {}
     for call in calls(main):
         op = call.op.name if hasattr(call.op, "name") else str(call.op)
         entry["relax_ops"][op] = entry["relax_ops"].get(op, 0) + 1
-    if name == "text_decoder":
-        caches = [p.name for p in params[2:num_input]]
-        entry["kv_cache"] = {"inputs": caches, "updated_in_place": True,
-                             "aliased_outputs": list(range(1, 1 + len(caches)))}
+    # the KV cache: the inputs that a call_tir_inplace writes (the cache-row kernel), read from the program
+    written = [args[0] for call in calls(main) if call.op.name == "relax.call_tir_inplace"
+               for args in [list(call.args[1].fields)]]
+    caches = [p.name for p in params[:num_input] if any(p.same_as(a) for a in written)]
+    if caches:
+        entry["kv_cache"] = {"inputs": caches, "updated_in_place": True}
     return entry
 
 

@@ -29,9 +29,6 @@ from mote.targets.lowering import moe_nodes
 
 from . import kernels
 
-# Per-tensor scales are stored [1] (or [E, 1]); per output channel they have one value per row.
-
-
 def _dtype(node) -> str:
     return str(node.meta["val"].dtype).removeprefix("torch.")
 
@@ -112,8 +109,10 @@ class Converters:
         bb = importer.block_builder
         a, b = importer.retrieve_args(node)
         a_shape, b_shape = list(a.ty.shape), list(b.ty.shape)
-        if len(a_shape) != 4 or len(b_shape) != 4 or not all(isinstance(v, int) or hasattr(v, "value")
-                                                             for v in b_shape):
+        static_b = all(isinstance(v, int) or hasattr(v, "value") for v in b_shape)
+        if len(a_shape) != 4 or len(b_shape) != 4 or not static_b or \
+                not all(isinstance(v, int) or hasattr(v, "value") for v in a_shape[:2]) or \
+                [int(v) for v in a_shape[:2]] != [int(v) for v in b_shape[:2]]:
             return bb.emit(relax.op.matmul(a, b, out_dtype="float32"))   # what the importer itself would emit
         heads, k, n = int(b_shape[1]), int(b_shape[2]), int(b_shape[3])
         a3 = bb.emit(relax.op.reshape(a, [a_shape[0] * a_shape[1], a_shape[2], k]))
@@ -129,7 +128,7 @@ class Converters:
         rows = self._rows(bb, x)
         per_channel = int(scale.ty.shape[0]) != 1
         y = self._call(bb, self.kernel(kernels.ternary_linear, n_out, k, per_channel),
-                       f"mote_ternary_linear_{n_out}x{k}",
+                       f"mote_ternary_linear_{n_out}x{k}_{'pc' if per_channel else 'pt'}",
                        [rows, codes, scale], [rows.ty.shape[0], n_out])
         return self._like(bb, y, x)
 
@@ -162,9 +161,8 @@ class Converters:
         d = int(rows.ty.shape[1])
         per_channel = int(args.gate_scale.ty.shape[-1]) != 1
         kernel = self.kernel(kernels.routed_experts, experts, d, width, args.top_k, per_channel)
-        routed = self._call(bb, kernel, f"mote_routed_experts_{experts}x{width}x{d}",
-                            [rows, top_i, top_p, *args.routed_operands()],
-                            rows.ty.shape)
+        name = f"mote_routed_experts_{experts}x{width}x{d}_top{args.top_k}_{'pc' if per_channel else 'pt'}"
+        routed = self._call(bb, kernel, name, [rows, top_i, top_p, *args.routed_operands()], rows.ty.shape)
         return self._like(bb, bb.emit(relax.op.add(shared, routed)), args.x)
 
     def moe_ffn_float(self, node, importer):
@@ -180,7 +178,7 @@ class Converters:
         shared, top_p, top_i = self._shared_and_routing(bb, args, rows)
         experts, width, d = (int(v) for v in gate_w.ty.shape)
         kernel = self.kernel(kernels.routed_experts_float, experts, d, width, top_k)
-        routed = self._call(bb, kernel, f"mote_routed_experts_float_{experts}x{width}x{d}",
+        routed = self._call(bb, kernel, f"mote_routed_experts_float_{experts}x{width}x{d}_top{top_k}",
                             [rows, top_i, top_p, gate_w, up_w, down_w],
                             rows.ty.shape)
         return self._like(bb, bb.emit(relax.op.add(shared, routed)), x)

@@ -35,6 +35,13 @@ def elf_machine(path: Path) -> int | None:
     return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
 
 
+def libc(path: Path) -> str:
+    """The C library a shared library was linked against, from the names it needs: glibc's libc.so.6, or Android's
+    bionic libc.so."""
+    data = path.read_bytes()
+    return "glibc" if b"libc.so.6\x00" in data else "bionic" if b"libc.so\x00" in data else "none"
+
+
 def tensor_bytes(header: dict, names: list[str]) -> int:
     return sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names)
 
@@ -42,7 +49,7 @@ def tensor_bytes(header: dict, names: list[str]) -> int:
 def routed_expert_bytes(out_dir: Path) -> dict:
     """The routed experts' codes and scales, by the manifest's names, sized from the params files' headers."""
     manifest = load_manifest(out_dir)
-    total, tensors, where = 0, 0, []
+    total, tensors, where, dtypes = 0, 0, [], set()
     for name, entry in manifest["programs"].items():
         names = entry["routed_expert_weights"]
         if names:
@@ -50,7 +57,8 @@ def routed_expert_bytes(out_dir: Path) -> dict:
             total += tensor_bytes(header, names)
             tensors += len(names)
             where.append(entry["params_file"])
-    return {"bytes": total, "tensors": tensors, "where": ", ".join(where)}
+            dtypes |= {header[n]["dtype"] for n in names}
+    return {"bytes": total, "tensors": tensors, "where": ", ".join(where), "dtypes": sorted(dtypes)}
 
 
 def read_back(out_dir: Path) -> dict:
@@ -63,14 +71,14 @@ def read_back(out_dir: Path) -> dict:
             path = library_path(out_dir, name, arch)
             machine = elf_machine(path)
             facts["libraries"][path.name] = {"architecture": arch, "elf_machine": ELF_MACHINES.get(machine, machine),
-                                             "bytes": path.stat().st_size}
+                                             "libc": libc(path), "bytes": path.stat().st_size}
             files.append(path.name)
         header = read_header(out_dir / entry["params_file"])
         names = [k for k in header if k != "__metadata__"]
         facts["params"][entry["params_file"]] = {"tensors": len(names), "bytes": tensor_bytes(header, names)}
         files.append(entry["params_file"])
         facts["programs"][name] = {"kernels": entry["kernels"],
-                                   "linears_left_to_tvm": entry["relax_ops"].get("relax.linear", 0),
+                                   "matmuls_left_to_tvm": entry["relax_ops"].get("relax.matmul", 0),
                                    "T": entry.get("T"), "kv_cache": entry.get("kv_cache")}
     facts["files"] = sorted(files)
     facts["routed_experts"] = routed_expert_bytes(out_dir)
@@ -82,27 +90,32 @@ def render_notes(facts: dict, weights: int) -> list[str]:
     routed = facts["routed_experts"]
     decoder = facts["programs"]["text_decoder"]
     kernels = ", ".join(f"{k} x{n}" for k, n in sorted(decoder["kernels"].items()))
-    notes = [
-        f"routed experts: {routed['tensors']} tensors, {routed['bytes']} bytes in {routed['where']} for {weights} "
-        f"weights ({routed['bytes'] * 8 / max(weights, 1):.3f} bits/weight): 2-bit codes and scales, which the "
-        "routed-experts kernel reads only for the experts the router chose (it takes the top-k indices)",
-        f"text_decoder kernels (ours, TensorIR): {kernels}; linears left to TVM's default lowering: "
-        f"{decoder['linears_left_to_tvm']}",
-    ]
+    notes = []
+    if routed["tensors"]:
+        stored = ("2-bit codes (uint8, four per byte) and float32 scales" if "U8" in routed["dtypes"]
+                  else f"{'/'.join(routed['dtypes'])} weights")
+        notes.append(f"routed experts: {routed['tensors']} tensors, {routed['bytes']} bytes in {routed['where']} for "
+                     f"{weights} weights ({routed['bytes'] * 8 / max(weights, 1):.3f} bits/weight): {stored}, passed "
+                     "to a routed-experts kernel that takes the router's top-k indices and reads only the chosen "
+                     "experts")
+    notes.append(f"text_decoder kernels (ours, TensorIR): {kernels}; matmuls left to TVM's default lowering: "
+                 f"{decoder['matmuls_left_to_tvm']}")
     if decoder["T"]:
         notes.append(f"text_decoder: one program for prefill and decode, T in [{decoder['T'][0]}, {decoder['T'][1]}]; "
                      f"KV cache as {len(decoder['kv_cache']['inputs'])} arguments updated in place")
     for file, lib in sorted(facts["libraries"].items()):
         arch = facts["architectures"][lib["architecture"]]
-        ran = ("the build mote-export runs (relax.VirtualMachine)" if lib["architecture"] == HOST.name
-               else "built, not run here")
-        notes.append(f"{file}: ELF {lib['elf_machine']}, {arch['description']}; {ran}")
-    if not facts["android"] and any(lib["elf_machine"] == "AArch64" for lib in facts["libraries"].values()):
+        runs = ("the build mote-export and mote-run load (relax.VirtualMachine)" if lib["architecture"] == HOST.name
+                else "not run here")
+        notes.append(f"{file}: ELF {lib['elf_machine']}, {lib['libc']}, {arch['description']}; {runs}")
+    phone = [lib for lib in facts["libraries"].values() if lib["elf_machine"] == "AArch64"]
+    if phone and all(lib["libc"] == "glibc" for lib in phone):
         notes.append("the aarch64 libraries are glibc (linux) builds; set TVM_NDK_CC to an Android NDK clang "
                      "(e.g. aarch64-linux-android28-clang) to also build Android ones")
     return notes
 
 
 def render_deviations(facts: dict) -> list[str]:
-    """Every kernel keeps the reference semantics (fp32, integer-exact ternary dot products): none to declare."""
+    """None to declare: every kernel keeps the reference semantics (fp32, integer-exact ternary dot products, the
+    reference's per-token int8 rounding; tests/test_tvm_kernels.py), whatever the export (`facts` unused)."""
     return []

@@ -31,8 +31,8 @@ NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.i
 
 def load_params(path: Path, names: list[str]) -> list:
     """The weights `names` of a params file as TVM tensors, read tensor by tensor with plain file reads (a memory
-    map would keep every page it touched resident beside TVM's copy: twice the weights at once). An array that is
-    64-byte aligned is handed to TVM by DLPack without a copy."""
+    map would keep every page it touched resident beside TVM's copy: twice the weights at once). TVM takes an array
+    without a copy only when it is 64-byte aligned (DLPack); otherwise it copies it, one tensor at a time."""
     import tvm
 
     header, start = read_header(path), data_start(path)
@@ -66,10 +66,27 @@ class Program:
         return self.vm["main"](*inputs, *self.weights)
 
 
+def check_host() -> None:
+    """The host build is x86-64-v3 (AVX2): on another machine it cannot load or would stop on an illegal
+    instruction, so say so in one line (exit 2)."""
+    import platform
+
+    from mote.export.errors import InputError
+
+    cpuinfo = Path("/proc/cpuinfo")
+    avx2 = " avx2" in cpuinfo.read_text() if cpuinfo.exists() else False
+    if platform.machine() != "x86_64" or not avx2:
+        raise InputError(f"tvm: the library this machine runs is the {HOST.description} build; this is a "
+                         f"{platform.machine()} machine{'' if avx2 else ' without AVX2'}: export with --no-verify "
+                         "here, or on an x86-64 machine with AVX2")
+
+
 class VmRunner:
     def __init__(self, out_dir: Path, max_seq_len: int, threads: int | None = None):
         configure_threads(threads)
         manifest = load_manifest(out_dir)
+        if max_seq_len > manifest["max_seq_len"]:
+            raise ValueError(f"tvm: a runner for {max_seq_len} positions on a KV cache of {manifest['max_seq_len']}")
         self.programs = {name: Program(out_dir, name, entry) for name, entry in manifest["programs"].items()}
         self.max_seq_len = max_seq_len
         decoder = self.programs["text_decoder"].entry
@@ -100,6 +117,9 @@ class VmRunner:
         return self._torch(self.programs["token_embedding"](self._tensor(tokens, np.int64))[0])
 
     def text_decoder(self, embeds, input_pos):
+        end = int(input_pos.reshape(-1)[0]) + embeds.shape[1]
+        if end > self.max_seq_len:   # the cache-row kernel does not check its positions
+            raise ValueError(f"tvm: positions up to {end - 1} do not fit the KV cache of {self.max_seq_len}")
         out = self.programs["text_decoder"](self._tensor(embeds, np.float32), self._tensor(input_pos, np.int64),
                                             *self.caches)
         # outputs 1.. are the caches, updated in place (the same tensors as self.caches)
