@@ -151,9 +151,14 @@ def kernel_calls(func) -> list[tuple[str, list]]:
     return out
 
 
+def is_static(dim) -> bool:
+    """Whether a Relax shape dimension is a known integer (not the symbolic sequence length)."""
+    return isinstance(dim, int) or hasattr(dim, "value")
+
+
 def _shape(shape) -> list:
     """A Relax shape as JSON: ints, and "T" for the symbolic sequence length (the programs have one)."""
-    return [int(v) if hasattr(v, "value") or isinstance(v, int) else "T" for v in shape]
+    return [int(v) if is_static(v) else "T" for v in shape]
 
 
 def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
@@ -192,8 +197,7 @@ def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
         op = call.op.name if hasattr(call.op, "name") else str(call.op)
         entry["relax_ops"][op] = entry["relax_ops"].get(op, 0) + 1
     # the KV cache: the inputs that a call_tir_inplace writes (the cache-row kernel), read from the program
-    written = [args[0] for call in calls(main) if call.op.name == "relax.call_tir_inplace"
-               for args in [list(call.args[1].fields)]]
+    written = [call.args[1].fields[0] for call in calls(main) if call.op.name == "relax.call_tir_inplace"]
     caches = [p.name for p in params[:num_input] if any(p.same_as(a) for a in written)]
     if caches:
         entry["kv_cache"] = {"inputs": caches, "updated_in_place": True}
@@ -206,7 +210,6 @@ def write_params(path: Path, weights: list) -> int:
 
     from mote.export.tensor_file import write_safetensors
 
-    values = dict(weights)
-    tensors = {name: torch.from_dlpack(v) for name, v in values.items()}
+    tensors = {name: torch.from_dlpack(value) for name, value in weights}
     specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
     return write_safetensors(path, specs, tensors.__getitem__, metadata={"format": "mote-tvm"})

@@ -28,6 +28,7 @@ from mote.passes.program import add_constant, constant_value, finish_rewrite, sp
 from mote.targets.lowering import moe_nodes
 
 from . import kernels
+from .build import is_static
 
 def _dtype(node) -> str:
     return str(node.meta["val"].dtype).removeprefix("torch.")
@@ -109,9 +110,7 @@ class Converters:
         bb = importer.block_builder
         a, b = importer.retrieve_args(node)
         a_shape, b_shape = list(a.ty.shape), list(b.ty.shape)
-        static_b = all(isinstance(v, int) or hasattr(v, "value") for v in b_shape)
-        if len(a_shape) != 4 or len(b_shape) != 4 or not static_b or \
-                not all(isinstance(v, int) or hasattr(v, "value") for v in a_shape[:2]) or \
+        if len(a_shape) != 4 or len(b_shape) != 4 or not all(map(is_static, b_shape + a_shape[:2])) or \
                 [int(v) for v in a_shape[:2]] != [int(v) for v in b_shape[:2]]:
             return bb.emit(relax.op.matmul(a, b, out_dtype="float32"))   # what the importer itself would emit
         heads, k, n = int(b_shape[1]), int(b_shape[2]), int(b_shape[3])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import HOST
-from mote.export.tensor_file import data_start, read_header
+from mote.export.tensor_file import read_arrays
 
+from .build import HOST
 from .report import library_path, load_manifest
 
 
@@ -25,24 +25,14 @@ def configure_threads(threads: int | None) -> None:
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
 
 
-NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "I32": np.int32,
-                "I64": np.int64}
-
-
 def load_params(path: Path, names: list[str]) -> list:
     """The weights `names` of a params file as TVM tensors, read tensor by tensor with plain file reads (a memory
     map would keep every page it touched resident beside TVM's copy: twice the weights at once). TVM takes an array
     without a copy only when it is 64-byte aligned (DLPack); otherwise it copies it, one tensor at a time."""
     import tvm
 
-    header, start = read_header(path), data_start(path)
     out = []
-    for name in names:
-        info = header[name]
-        begin, end = info["data_offsets"]
-        dtype = NUMPY_DTYPES[info["dtype"]]
-        array = np.fromfile(path, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
-                            offset=start + begin).reshape(info["shape"])
+    for array in read_arrays(path, names):
         try:
             out.append(tvm.runtime.from_dlpack(array))
         except (RuntimeError, BufferError):     # not 64-byte aligned: TVM takes a copy
