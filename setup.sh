@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 
 need_apt=()
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || need_apt+=(g++-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)   # the aarch64 kernels' self-test
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -18,9 +20,22 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 
+# Our ExecuTorch kernel library (targets/executorch/kernels), built against the pinned wheel's runtime; cmake's own
+# dependency tracking rebuilds it when its sources change, and does nothing when they did not.
+build_kernels() {
+  local et build=build/et-kernels
+  et=$($VPY -c "import executorch; print(list(executorch.__path__)[0])")
+  mkdir -p build
+  if ! { cmake -S targets/executorch/kernels -B "$build" -DMOTE_EXECUTORCH_WHEEL="$et" -DMOTE_SELFTEST=ON \
+           -DCMAKE_BUILD_TYPE=Release && cmake --build "$build" -j "$(nproc)"; } > build/et-kernels.log 2>&1; then
+    cat build/et-kernels.log >&2; echo "setup: building the ExecuTorch kernel library failed" >&2; exit 1
+  fi
+}
+
 stamp=.venv/.mote-setup-stamp
 want=$(cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  build_kernels
   exit 0   # already set up for exactly these pins
 fi
 
@@ -35,4 +50,5 @@ pip_q --no-deps --no-build-isolation -e .
 $VPY -c "import torch, executorch, coremltools, tvm, onnxruntime, onnxscript, tokenizers, PIL, transformers" >/dev/null 2>&1 \
   || { echo "setup: the pinned toolchain did not import" >&2; exit 1; }
 echo "$want" > "$stamp"
+build_kernels
 echo "setup: .venv ready"

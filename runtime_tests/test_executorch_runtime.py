@@ -109,3 +109,33 @@ def test_delegation_read_back_from_the_pte(odd):
         assert len(ids) == report["facts"]["delegation"][method]["xnnpack_delegates"], method
     assert plans["vision_encoder"].delegates and plans["text_decoder"].delegates
     assert [o.name for o in plans["token_embedding"].operators] == ["aten::embedding"]
+
+
+def test_default_export_calls_the_kernel_library(example):
+    """The example's .pte runs its routed experts in our kernel library: the file's operator table has
+    mote::routed_experts.out (and no gather of expert codes), and it records the library version it needs; the
+    report says so, read back from the file."""
+    from mote.targets.executorch import kernel_library
+
+    out, report = example.export("android")
+    plans = {plan.name: plan for plan in _pte_program(out / "model.pte").execution_plan}
+    ops = {f"{o.name}.{o.overload}" for o in plans["text_decoder"].operators}
+    assert "mote::routed_experts.out" in ops and "aten::index_select.out" not in ops, ops
+    assert report["facts"]["kernels"] == {"library_ops": {"mote::routed_experts.out": ["text_decoder"]},
+                                         "library_version": kernel_library.KERNELS_VERSION}
+    runner = get_target("android").runner(out, report["max_seq_len"])
+    assert runner.constant(kernel_library.VERSION_METHOD) == kernel_library.KERNELS_VERSION
+    assert any("our kernel library's mote::routed_experts.out" in n for n in report["notes"])
+    assert report["options"]["target"]["android_kernels"] == "fused"
+
+
+def test_portable_kernels_option_needs_no_library(exported, example):
+    """--android-kernels portable: ATen ops only (the chosen experts' codes gathered by index_select), verified in
+    the runtime like the default; the report says no kernel library is needed."""
+    out, report = exported("android", example.model_dir, "--android-kernels", "portable")
+    assert report["verify"] == "passed" and report["numerics"]["text_decoder"]["greedy_match"] == "32/32"
+    plans = {plan.name: plan for plan in _pte_program(out / "model.pte").execution_plan}
+    assert not [o.name for p in plans.values() for o in p.operators if o.name.startswith("mote")]
+    assert "get_mote_kernels_version" not in plans
+    assert report["facts"]["kernels"] == {"library_ops": {}, "library_version": None}
+    assert any(n.startswith("kernels: portable ATen ops") for n in report["notes"])

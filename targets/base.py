@@ -12,8 +12,9 @@ Adding a target (the guide):
      flag of `mote-export --target <name>` (and of no other target); the other fields are for programs (the
      benchmark, tests) and keep their defaults on the command line; `for_benchmark()` gives the options
      `mote-bench` lowers with (default: the defaults);
-   - `preflight(options)`: optional, what the lowering needs from the machine (a cross compiler), checked before the
-     model is read: InputError (exit 2) naming what to install;
+   - `preflight(options, verify)`: optional, what the lowering (and with `verify`, running the artifact) needs from
+     the machine (a cross compiler, a kernel library), checked before the model is read: InputError (exit 2) naming
+     what to install;
    - `lower(programs, model, common, options) -> Lowered`: write the artifacts, and read back from what was written
      every fact the report states (`Lowered.facts` is JSON-able data, `notes` / `deviations` are worded from it);
    - `runner(out_dir, max_seq_len, threads=None) -> Runner`: the saved artifacts in the target's runtime (see
@@ -178,9 +179,10 @@ class Target:
     fp32_experts_supported: ClassVar[bool] = False
     timing_caveat: ClassVar[str | None] = None
 
-    def preflight(self, options: TargetOptions) -> None:
-        """Check what lowering with `options` needs from this machine (compilers, SDKs) before any work is done;
-        raise InputError (exit 2) naming what to install. The default needs nothing."""
+    def preflight(self, options: TargetOptions, verify: bool = True) -> None:
+        """Check what lowering with `options` (and, with `verify`, running the artifact) needs from this machine
+        (compilers, SDKs, kernel libraries) before any work is done; raise InputError (exit 2) naming what to install.
+        The default needs nothing."""
 
     def lower(self, programs: dict, model, common: CommonOptions, options: TargetOptions) -> Lowered:
         raise NotImplementedError  # pragma: no cover - interface

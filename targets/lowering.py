@@ -12,11 +12,15 @@
 
   Each chosen expert's weights are read (and decoded) once per call, however long the prompt: memory is bounded by
   the expert count, not by T x k expert copies. A target supplies how its packed codes are decoded.
+- The split of `mote.moe_ffn` for runtimes that run our kernel library: shared expert and router in ATen ops around
+  one `mote.routed_experts` call (`split_moe_ffn`, `fused_routed_experts`); the op's reference kernel is the
+  section 1 formula over the experts the tokens chose.
 - Padding and block packing of 2-bit codes for block-wise kernels (ONNX Runtime's QMoE / MatMulNBits, and any kernel
   that wants K a multiple of 32): `padded`, `block_size`, `pad_codes`, `block_scales`, `pack_codes`.
 - The benchmark's fp32-expert baseline (never a deployment artifact): `use_float_experts` rewrites each
   `mote.moe_ffn` into `mote_bench.moe_ffn_float` over `dequantized_experts` (float32 [E, rows, K]);
-  `float_moe_ffn` is its gathered-top-k decomposition.
+  `float_moe_ffn` is its gathered-top-k decomposition, `fused_routed_experts_float` its split around
+  `mote_bench.routed_experts_float`.
 """
 from __future__ import annotations
 
@@ -101,6 +105,57 @@ def grouped_ternary_experts(args: MoeFfnArgs, decode):
     return experts
 
 
+# -- the routed experts as one op (for targets whose runtime runs our kernel library) --------------------------------
+
+@torch.library.custom_op("mote::routed_experts", mutates_args=())
+def routed_experts(x: torch.Tensor, top_p: torch.Tensor, top_i: torch.Tensor, gate_packed: torch.Tensor,
+                   gate_scale: torch.Tensor, up_packed: torch.Tensor, up_scale: torch.Tensor, down_packed: torch.Tensor,
+                   down_scale: torch.Tensor) -> torch.Tensor:
+    """x [N, d] -> sum over each token's chosen experts (top_i [N, k], weights top_p [N, k]) of p * expert(x): the
+    routed half of `mote.moe_ffn` (`split_moe_ffn` computes the other half around it), summed from zero in expert
+    order as `semantics.moe_combine` does."""
+    d, width = x.shape[-1], gate_packed.shape[1]
+
+    def expert_output(e):
+        return semantics.ternary_expert(x, unpack(gate_packed[e], d), _scalar_if_one(gate_scale[e]),
+                                        unpack(up_packed[e], d), _scalar_if_one(up_scale[e]),
+                                        unpack(down_packed[e], width), _scalar_if_one(down_scale[e]))
+
+    return _routed_sum(x, top_p, top_i, gate_packed.shape[0], expert_output)
+
+
+@routed_experts.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def _scalar_if_one(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(()) if scale.numel() == 1 else scale
+
+
+def _routed_sum(x, top_p, top_i, num_experts: int, expert_output):
+    combine = torch.zeros(x.shape[0], num_experts, dtype=x.dtype).scatter(-1, top_i, top_p)
+    return semantics.moe_combine(torch.zeros_like(x), combine, expert_output, semantics.selected_experts(combine))
+
+
+def split_moe_ffn(args: MoeFfnArgs, routed):
+    """`mote.moe_ffn` as shared expert and router in ATen ops (a target's dense kernels take them) around one call
+    `routed(flat x [N, d], top_p [N, k], top_i [N, k])` of the routed experts:
+
+        y = shared_expert(x) + routed(x, route_top_k(W_r x))
+    """
+    shared_out = semantics.shared_expert(args.x, *args.shared, args.shared_expert_gate)
+    flat = args.x.reshape(-1, args.x.shape[-1])
+    _, top_p, top_i = semantics.route_top_k(F.linear(flat, args.router), args.top_k, args.norm_topk_prob)
+    return shared_out + routed(flat, top_p, top_i).reshape(args.x.shape)
+
+
+def fused_routed_experts(args: MoeFfnArgs):
+    """`split_moe_ffn` with `mote.routed_experts` over the op's packed experts."""
+    return split_moe_ffn(args, lambda flat, top_p, top_i: torch.ops.mote.routed_experts(
+        flat, top_p, top_i, *args.routed_operands()))
+
+
 # -- the benchmark's fp32-expert baseline ------------------------------------------------------------------------
 
 def dequantized_experts(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,6 +187,30 @@ def float_moe_ffn(x, shared_gate, shared_up, shared_down, shared_expert_gate, ro
 
     return gathered_top_k_moe(x, (shared_gate, shared_up, shared_down), shared_expert_gate, router, gate_w.shape[0],
                               top_k, norm_topk_prob, float_experts)
+
+
+@torch.library.custom_op("mote_bench::routed_experts_float", mutates_args=())
+def routed_experts_float(x: torch.Tensor, top_p: torch.Tensor, top_i: torch.Tensor, gate_w: torch.Tensor,
+                         up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """`mote.routed_experts` over float32 experts [E, rows, K] (plain SwiGLU): the baseline's routed half."""
+    def expert_output(e):
+        return semantics.swiglu(x, gate_w[e], up_w[e], down_w[e])
+
+    return _routed_sum(x, top_p, top_i, gate_w.shape[0], expert_output)
+
+
+@routed_experts_float.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def fused_routed_experts_float(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_w, up_w,
+                               down_w, top_k: int, norm_topk_prob: bool):
+    """`mote_bench.moe_ffn_float` as `split_moe_ffn` around `mote_bench.routed_experts_float`."""
+    args = MoeFfnArgs(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, None, None, None, None, None,
+                      None, top_k, norm_topk_prob)
+    return split_moe_ffn(args, lambda flat, top_p, top_i: torch.ops.mote_bench.routed_experts_float(
+        flat, top_p, top_i, gate_w, up_w, down_w))
 
 
 def use_float_experts(ep) -> None:

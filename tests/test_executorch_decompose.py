@@ -1,13 +1,53 @@
-"""The android lowering of mote.moe_ffn: same numbers as the op, and the packed experts are only ever read
-through index_select with the router's top-k indices (no kernel touches an unselected expert)."""
+"""The android lowering of mote.moe_ffn, both forms (decompose.py): the same numbers as the op, and the packed
+experts are only ever read where the router's top-k chose: by index_select (portable) or by our kernel library's
+mote.routed_experts (fused), with the top-k indices."""
+from collections import Counter
+
+import pytest
 import torch
 
 from mote.export.programs import KVCacheStyle, export_programs
 from mote.passes.pipeline import run_pipeline
 from mote.passes.verify_numerics import run_program
-from mote.targets.executorch.decompose import DECOMPOSITIONS
-from mote.targets.executorch.report import expert_reads
+from mote.targets.executorch.decompose import FUSED, PORTABLE
+from mote.targets.executorch.report import expert_reads, op_kind
 from mote.tools.make_random_model import random_config, random_model
+
+
+def _kinds(ep) -> Counter:
+    return Counter(op_kind(n.target) for n in ep.graph.nodes if n.op == "call_function")
+
+
+def _decoder(top_k, seed, **config):
+    model = random_model(random_config(layers=2, top_k=top_k, **config), seed)
+    programs, _ = run_pipeline(export_programs(model, 32, KVCacheStyle.STATE), model.config.moe.moe_layers)
+    return programs["text_decoder"]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_form_is_shared_expert_and_router_around_one_routed_experts_op(top_k):
+    """Before: mote.moe_ffn per block. After: its shared expert and router as aten.linear (what XNNPACK takes), the
+    top-k, and one mote.routed_experts reading the packed experts with the top-k indices. Top-1: bit-identical to
+    the op (the routed sum adds one term); top-2: equal up to the order of the three-term sum (an ulp there can flip
+    one int8 rounding of the next block's activations, hence the looser bound)."""
+    ep = _decoder(top_k, 5, hidden=80, expert_intermediate=72, per_channel=True)
+    before = _kinds(ep)
+    blocks = before["mote.moe_ffn"]
+    assert blocks == 2 and "mote.routed_experts" not in before
+    expected = run_program(ep, ep.example_inputs[0])
+    lowered = ep.run_decompositions(FUSED)
+    after = _kinds(lowered)
+    assert "mote.moe_ffn" not in after and after["mote.routed_experts"] == blocks
+    assert after["aten.topk"] == blocks and after["aten.linear"] == before["aten.linear"] + 4 * blocks
+    got = run_program(lowered, lowered.example_inputs[0])[0]
+    if top_k == 1:
+        assert torch.equal(got, expected[0])
+    else:
+        torch.testing.assert_close(got, expected[0], rtol=1e-4, atol=1e-4)
+    packed = {s.arg.name for s in lowered.graph_signature.input_specs if s.target and ".experts." in s.target}
+    assert len(packed) == 2 * 6
+    reads = expert_reads(lowered.graph, packed)
+    assert set(reads) == packed and not any(reads.values()), reads
 
 
 def test_decomposition_matches_and_gathers_only_selected_experts():
@@ -17,7 +57,7 @@ def test_decomposition_matches_and_gathers_only_selected_experts():
     packed_names = [s.arg.name for s in ep.graph_signature.input_specs if s.target and s.target.endswith("_packed")]
     assert len(packed_names) == 2 * 3
     expected = run_program(ep, ep.example_inputs[0])
-    lowered = ep.run_decompositions(DECOMPOSITIONS)
+    lowered = ep.run_decompositions(PORTABLE)
     torch.testing.assert_close(run_program(lowered, lowered.example_inputs[0])[0], expected[0], rtol=1e-5, atol=1e-5)
     ops = {str(n.target) for n in lowered.graph.nodes if n.op == "call_function"}
     assert not any("mote." in o for o in ops)
@@ -40,7 +80,7 @@ def test_prefill_memory_is_bounded_by_the_experts_not_the_prompt():
     planned 4.5 GB per projection at the Qwen2.5-0.5B shape for T = 256."""
     model = random_model(random_config(layers=1, top_k=1, hidden=64, expert_intermediate=96, experts=4), 2)
     programs, _ = run_pipeline(export_programs(model, 32, KVCacheStyle.STATE), model.config.moe.moe_layers)
-    lowered = programs["text_decoder"].run_decompositions(DECOMPOSITIONS)
+    lowered = programs["text_decoder"].run_decompositions(PORTABLE)
     expert_size = 64 * 96
     for node in lowered.graph.nodes:
         val = node.meta.get("val")

@@ -128,10 +128,11 @@ def _pte_routed_bytes(path, num_experts):
     return total
 
 
-def test_android_report_is_read_from_the_pte(make_model_dir, tmp_path):
+@pytest.mark.parametrize("kernels", ["fused", "portable"])
+def test_android_report_is_read_from_the_pte(make_model_dir, tmp_path, kernels):
     d = make_model_dir(layers=1, experts=3, vision=False)
     out = tmp_path / "android"
-    assert _export(d, out, "android", "--no-verify") == 0
+    assert _export(d, out, "android", "--no-verify", "--android-kernels", kernels) == 0
     report = json.loads((out / "report.json").read_text())
     cfg = json.loads((d / "config.json").read_text())
     e, i, h = cfg["moe"]["num_experts"], cfg["moe"]["expert_intermediate_size"], cfg["hidden_size"]
@@ -146,10 +147,17 @@ def test_android_report_is_read_from_the_pte(make_model_dir, tmp_path):
     assert [k["name"] for k in facts["kv_cache"]] == ["k_cache_0", "v_cache_0"]
     assert all(k["shape"][2] == report["max_seq_len"] for k in facts["kv_cache"])
     assert facts["activations"]["quantize_ops"] == {}
-    assert facts["activations"]["text_decoder_round_ops"] == 2   # expert input (gate + up share it), down input
     notes = " | ".join(report["notes"])
-    assert "read only by index_select on the ids of the experts the router's top-k chose" in notes
     assert f"{counted} bytes for {weights} weights" in notes
+    if kernels == "portable":
+        assert facts["activations"]["text_decoder_round_ops"] == 2   # expert input (gate + up share it), down input
+        assert facts["kernels"] == {"library_ops": {}, "library_version": None}
+        assert "read only by aten.index_select on the experts the router's top-k chose" in notes
+    else:   # the rounding happens inside the kernel, which only the chosen experts' codes reach
+        assert facts["activations"]["text_decoder_round_ops"] == 0
+        assert facts["kernels"]["library_ops"] == {"mote::routed_experts.out": ["text_decoder"]}
+        assert "read only by mote.routed_experts on the experts the router's top-k chose" in notes
+        assert "int8 quantization runs inside our kernel library's ops" in notes
 
 
 def _onnx_routed_bytes(path):

@@ -171,7 +171,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     output = OutputDir(args.out or Path("out") / f"{args.model_dir.resolve().name}-{args.target}", args.overwrite)
     output.check()
     output.remove_stale_staging()
-    get_target(args.target).preflight(args.target_options)
+    get_target(args.target).preflight(args.target_options, verify=not args.no_verify)
     with progress.step("load", f"loading {args.model_dir}"):
         model = load_model(args.model_dir)
     config = model.config

@@ -4,9 +4,10 @@ Methods: `vision_encoder`, `token_embedding`, `text_decoder` (KV cache in mutabl
 constant methods ExecuTorch's LLM runners read (`get_max_seq_len`, `get_max_context_len`, `use_kv_cache`,
 `enable_dynamic_shape`, `get_bos_id`, `get_eos_ids`, `get_vocab_size`, `get_n_layers`, `use_sdpa_with_kv_cache`).
 
-Lowering: the `mote::` ops are decomposed into portable ATen ops that gather only the selected experts' packed
-bytes (see decompose.py); everything XNNPACK supports (attention, shared expert, router, projector, vision tower
-linears) is delegated to XNNPACK in fp32.
+Lowering (decompose.py): everything XNNPACK supports (attention, shared expert, router, projector, vision tower
+linears) is delegated to XNNPACK in fp32. The routed experts run in our own kernel library (kernels/, loaded by
+every runner: kernel_library.py) as one `mote::routed_experts.out` call per block on the 2-bit codes; with
+`--android-kernels portable` they are portable ATen ops that gather only the selected experts' packed bytes instead.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from pathlib import Path
 from mote.export import progress
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, op_times,
-                          quiet_toolchain)
+from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, cli_flag,
+                          op_times, quiet_toolchain)
 from mote.targets.lowering import routed_expert_weights, use_float_experts
 
+from . import kernel_library
 from .decompose import DECOMPOSITIONS
 from .partitioning import linear_partitioning
 from .report import pte_routed_expert_storage, read_back, render_notes, routed_constants
@@ -30,10 +32,10 @@ from .report import pte_routed_expert_storage, read_back, render_notes, routed_c
 PTE_NAME = "model.pte"
 
 
-def constant_methods(model, max_seq_len: int, special_ids=None) -> dict:
+def constant_methods(model, max_seq_len: int, special_ids=None, kernels: str = "fused") -> dict:
     """The constant methods ExecuTorch's LLM runners read. `special_ids` (export.tokenizer.SpecialIds, resolved from
     the model directory; None: the model config's ids): a bos / eos nobody knows is left out, and the runner then
-    takes its tokenizer's."""
+    takes its tokenizer's. A `.pte` that calls our kernel library records the library version it needs."""
     from mote.export.tokenizer import config_special_ids
 
     cfg = model.config
@@ -51,15 +53,18 @@ def constant_methods(model, max_seq_len: int, special_ids=None) -> dict:
         methods["get_bos_id"] = special.bos
     if special.eos:
         methods["get_eos_ids"] = list(special.eos)
+    if kernels == "fused":
+        methods[kernel_library.VERSION_METHOD] = kernel_library.KERNELS_VERSION
     return methods
 
 
 def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False, special_ids=None,
-           fast_partitioning: bool = True):
+           fast_partitioning: bool = True, kernels: str = "fused"):
     """ExportedPrograms (after the pass pipeline) -> ExecuTorch program manager.
 
     `float_experts` builds the benchmark's fp32 baseline: the same gather structure over float32 expert weights.
     `fast_partitioning=False` runs ExecuTorch's delegation exactly as shipped (see partitioning.py; tests compare).
+    `kernels`: "fused" (our kernel library runs the routed experts) or "portable" (ATen ops only), see decompose.py.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -75,11 +80,11 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False,
         decomposed = {}
         for i, (name, ep) in enumerate(programs.items()):
             progress.tick(f"{name}: mote:: ops to ATen", i, steps)
-            decomposed[name] = ep.run_decompositions(DECOMPOSITIONS)
+            decomposed[name] = ep.run_decompositions(DECOMPOSITIONS[kernels])
         edge = to_edge_transform_and_lower(
             decomposed, partitioner=[_reporting(XnnpackPartitioner(), n, steps)],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=constant_methods(model, max_seq_len, special_ids))
+            constant_methods=constant_methods(model, max_seq_len, special_ids, kernels))
         progress.tick("emitting the ExecuTorch program", 2 * n, steps)
         return edge, edge.to_executorch(ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
@@ -137,6 +142,10 @@ def forget_lowered_graphs() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ExecuTorchOptions(TargetOptions):
+    android_kernels: str = cli_flag(
+        "fused", choices=tuple(DECOMPOSITIONS),
+        help="fused (default): the routed experts run in our ExecuTorch kernel library, which the app links (README); "
+             "portable: ATen ops only, for runtimes that cannot link custom kernels (several times slower)")
     # ExecuTorch's delegation exactly as shipped when False (slow at real sizes; tests compare the two).
     fast_partitioning: bool = True
 
@@ -148,10 +157,14 @@ class ExecuTorchTarget(Target):
     Options = ExecuTorchOptions
     fp32_experts_supported = True
 
+    def preflight(self, options: ExecuTorchOptions = ExecuTorchOptions(), verify: bool = True) -> None:
+        if options.android_kernels == "fused" and verify:
+            kernel_library.load()     # verification runs the .pte: the library must load here (exit 2 if not)
+
     def lower(self, programs, model, common: CommonOptions, options: ExecuTorchOptions = ExecuTorchOptions()) -> Lowered:
         weights = routed_expert_weights(programs["text_decoder"])
         edge, et = to_pte(programs, model, common.max_seq_len, common.fp32_experts, common.special_ids,
-                          options.fast_partitioning)
+                          options.fast_partitioning, options.android_kernels)
         path = common.out_dir / PTE_NAME
         progress.tick(f"writing {PTE_NAME}", 2 * len(programs) + 1, 2 * len(programs) + 2)
         # Streamed piece by piece: `et.buffer` would first join the whole program (2.8 GB at the 0.5B shape) in memory.
@@ -237,6 +250,10 @@ class PteRunner:
             self.program = None       # the old program's memory goes before the new one is claimed
             self.program = Runtime.get().load_program(str(self.path), enable_etdump=self.etdump)
             self.cache_written = False
+            if kernel_library.VERSION_METHOD in self.program.method_names:
+                # before any method that calls the kernels is loaded: "Missing operator" otherwise
+                kernel_library.load()
+                kernel_library.require_version(self.constant(kernel_library.VERSION_METHOD), self.path)
 
     def vision_encoder(self, pixel_values):
         return self._method("vision_encoder").execute([pixel_values])[0]

@@ -56,8 +56,22 @@ def _from_topk_indices(node) -> bool:
     return False
 
 
+ROUTED_KERNEL = "mote.routed_experts"   # kernels/: reads only the experts named by its top_i argument
+
+
+def _reads_chosen_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """user reads node only where the router's top-k chose: index_select(node, 0, top-k indices), or our kernel
+    library's routed-experts op with node among its expert operands and the top-k indices as its top_i."""
+    kind = op_kind(user.target)
+    if kind == "aten.index_select":
+        return user.args[0] is node and user.args[1] == 0 and _from_topk_indices(user.args[2])
+    if kind == ROUTED_KERNEL:
+        return node in user.args[3:9] and node not in user.args[:3] and _from_topk_indices(user.args[2])
+    return False
+
+
 def expert_reads(graph: torch.fx.Graph, names) -> dict[str, list[str]]:
-    """Per placeholder in `names`: the ops that read it other than index_select(it, 0, top-k indices).
+    """Per placeholder in `names`: the ops that read it other than by the top-k choice (`_reads_chosen_only`).
 
     An empty list means only the router's selected experts are ever read from that tensor (an unused placeholder
     gets ["nothing"]: it is not read through a gather either).
@@ -66,9 +80,7 @@ def expert_reads(graph: torch.fx.Graph, names) -> dict[str, list[str]]:
     for node in graph.nodes:
         if node.op != "placeholder" or node.name not in names:
             continue
-        other = [op_kind(u.target) for u in node.users
-                 if not (op_kind(u.target) == "aten.index_select" and u.args[0] is node and u.args[1] == 0
-                         and _from_topk_indices(u.args[2]))]
+        other = [op_kind(u.target) for u in node.users if not _reads_chosen_only(u, node)]
         out[node.name] = other if node.users else ["nothing"]
     return out
 
@@ -181,12 +193,30 @@ def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
                           for fqn, t in routed.items()],
             "bytes": sum(t["bytes"] for t in routed.values()),
             "read_other_than_by_topk_gather": {by_name[p]: ops for p, ops in reads.items() if ops},
+            "readers": sorted({op_kind(u.target) for n in ep.graph.nodes if n.name in by_name for u in n.users}),
         },
         "kv_cache": [{"name": fqn, "dtype": t["dtype"], "shape": t["shape"], "memory_planned": t["memory_planned"]}
                      for fqn, t in tensors.items() if fqn in mutated],
         "activations": _activation_quantization(et),
         "storage": _storage(program, header, file_size, pte_path),
+        "kernels": kernel_facts(program),
     }
+
+
+def kernel_facts(program) -> dict:
+    """The ops of our kernel library the `.pte` calls (its operator tables, by method) and the library version it
+    records in its VERSION_METHOD constant method (None: it needs no kernel library)."""
+    from .kernel_library import VERSION_METHOD
+
+    calls, version = {}, None
+    for plan in program.execution_plan:
+        if plan.name == VERSION_METHOD:
+            version = int(plan.values[plan.outputs[0]].val.int_val)
+        for op in plan.operators:
+            if op.name.split("::")[0] in ("mote", "mote_bench"):
+                key = f"{op.name}.{op.overload}"
+                calls.setdefault(key, []).append(plan.name)
+    return {"library_ops": {k: sorted(set(v)) for k, v in sorted(calls.items())}, "library_version": version}
 
 
 def pte_routed_expert_storage(pte_path: Path):
@@ -254,20 +284,33 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
                  f"{where} ({st['segments']} segments: constant segment {st['constant_segment_bytes']} bytes, "
                  f"XNNPACK named data {st['named_data_bytes']} bytes, delegate payloads "
                  f"{st['delegate_payload_bytes']} bytes)")
+    k = facts["kernels"]
+    if k["library_ops"]:
+        ops = "; ".join(f"{op} ({', '.join(methods)})" for op, methods in k["library_ops"].items())
+        notes.append(f"kernels: the .pte calls our kernel library's {ops}; it records version {k['library_version']} "
+                     "of the library, which must be linked into the runtime (mote-run and the verification load it)")
+    else:
+        notes.append("kernels: portable ATen ops and XNNPACK only (--android-kernels portable): runs in any ExecuTorch "
+                     "runtime, without our kernel library")
     other = r["read_other_than_by_topk_gather"]
     if r["constants"] and not other:
         notes.append(f"routed-expert reads: all {len(r['constants'])} routed-expert constants are read only by "
-                     "index_select on the ids of the experts the router's top-k chose: only chosen experts' bytes are "
-                     "gathered")
+                     f"{' and '.join(r['readers'])} on the experts the router's top-k chose: only chosen experts' "
+                     "bytes are read")
     elif other:
         first = next(iter(other.items()))
         notes.append(f"routed-expert reads: {len(other)} of {len(r['constants'])} routed-expert constants are also "
                      f"read by other ops (e.g. {first[0]}: {', '.join(first[1])}): unselected experts are read too")
     a = facts["activations"]
     quant = "; ".join(f"{m}: {', '.join(f'{k} x{n}' for k, n in ops.items())}" for m, ops in a["quantize_ops"].items())
-    rounding = (f"text_decoder rounds activations to the int8 grid itself ({a['text_decoder_round_ops']} round, "
-                f"{a['text_decoder_int8_clamps']} clamp(-128, 127) ops)" if a["text_decoder_round_ops"]
-                else "text_decoder rounds no activation to the int8 grid")
+    if a["text_decoder_round_ops"]:
+        rounding = (f"text_decoder rounds activations to the int8 grid itself ({a['text_decoder_round_ops']} round, "
+                    f"{a['text_decoder_int8_clamps']} clamp(-128, 127) ops)")
+    elif facts["kernels"]["library_ops"]:
+        rounding = ("text_decoder's graph rounds no activation to the int8 grid: the routed experts' per-token int8 "
+                    "quantization runs inside our kernel library's ops")
+    else:
+        rounding = "text_decoder rounds no activation to the int8 grid"
     notes.append(f"activations: quantize/dequantize ops in the methods and their XNNPACK delegates: {quant or 'none'}; "
                  + rounding)
     kv = facts["kv_cache"]

@@ -101,7 +101,7 @@ class TvmTarget(Target):
     Options = TvmOptions
     fp32_experts_supported = True
 
-    def preflight(self, options: TvmOptions) -> None:
+    def preflight(self, options: TvmOptions, verify: bool = True) -> None:
         arches_for(options)
 
     def lower(self, programs, model, common: CommonOptions, options: TvmOptions = TvmOptions()) -> Lowered:
