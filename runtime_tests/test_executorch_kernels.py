@@ -1,6 +1,6 @@
 """Our ExecuTorch kernel library (targets/executorch/kernels) inside ExecuTorch's runtime: the `mote::*.out` kernels
 of a `.pte` against the ops' PyTorch reference kernels, on every instruction set this CPU runs; what a missing or
-mismatched library does; and the aarch64 build's self-test under qemu-aarch64."""
+mismatched library does; the static archive an app links; and the aarch64 build's self-test under qemu-aarch64."""
 import os
 import shutil
 import subprocess
@@ -87,16 +87,22 @@ def isas():
     (9, 70, 45, 3, 2, True),         # prefill, odd widths (tails of a code vector), top-2, per-row scales
     (17, 33, 129, 5, 2, False),
 ])
-def test_routed_experts_kernel_is_bit_exact_on_every_isa(isas, n, d, width, e, top_k, per_row):
+def test_routed_experts_kernel_matches_the_reference_on_every_isa(isas, n, d, width, e, top_k, per_row):
+    """Every instruction set gives the same bits inside ExecuTorch, and those match the op's PyTorch reference up to
+    silu's exp: the kernels call libm's expf, torch its own vectorised exp, and the two differ in the last bit for
+    about 1% of inputs (an ulp in h can move its int8 scale). Without silu (ternary_linear) they are bit-exact."""
     x, top_p, top_i, weights = _routed_case(max(n, 4), d, width, e, top_k, per_row, seed=n + d)
     expected = torch.ops.mote.routed_experts(x, top_p, top_i, *weights)
     batch = torch.export.Dim("n", min=1, max=32)   # dynamic tokens: the output is resized to the call's
     pte = _to_pte(_Routed(weights), (x, top_p, top_i), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    first = {}
     for isa in isas:
         kernel_library.use_isa(isa)
         for tokens in sorted({n, 1}):
             got = _run(pte, (x[:tokens], top_p[:tokens], top_i[:tokens]))
-            assert torch.equal(got, expected[:tokens]), (isa, tokens, (got - expected[:tokens]).abs().max())
+            want = expected[:tokens]
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max(), (isa, tokens, (got - want).abs().max())
+            assert torch.equal(got, first.setdefault(tokens, got)), (isa, tokens)
 
 
 def test_unchosen_experts_are_not_read(isas):
@@ -109,10 +115,12 @@ def test_unchosen_experts_are_not_read(isas):
         for codes, scale in zip(poisoned[0::2], poisoned[1::2]):
             codes[unchosen] = 0x55
             scale[unchosen] = float("nan")
-    pte = _to_pte(_Routed(poisoned), (x, top_p, top_i))
+    clean, pte = _to_pte(_Routed(weights), (x, top_p, top_i)), _to_pte(_Routed(poisoned), (x, top_p, top_i))
     for isa in isas:
         kernel_library.use_isa(isa)
-        assert torch.equal(_run(pte, (x, top_p, top_i)), expected), isa
+        got = _run(pte, (x, top_p, top_i))
+        assert torch.equal(got, _run(clean, (x, top_p, top_i))), isa
+        assert (got - expected).abs().max() <= 1e-3 * expected.abs().max(), isa
 
 
 def test_ternary_linear_kernel_is_bit_exact_on_every_isa(isas):

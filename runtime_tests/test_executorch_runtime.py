@@ -76,9 +76,14 @@ def test_runner_constant_methods(odd):
 
 
 def test_executorch_multimodal_runner_captions_the_sample(example):
-    """ExecuTorch's own C++ MultimodalRunner loads the .pte (+ tokenizer.json) and captions like our runner does."""
+    """ExecuTorch's own C++ MultimodalRunner loads the .pte (+ tokenizer.json) and captions like our runner does,
+    with our kernel library in the process (as an app links it)."""
     from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
     from executorch.extension.llm.runner import make_token_input
+
+    from mote.targets.executorch import kernel_library
+
+    kernel_library.load()
 
     out, report = example.export("android")
     model = load_model(example.model_dir)

@@ -9,8 +9,8 @@ import io
 import logging
 import warnings
 
-from .base import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Runner, Target, TargetOptions,  # noqa: F401
-                   artifact_bytes, cli_flag, op_times)
+from .base import (BandwidthBound, CommonOptions, KernelTime, Lowered, OpTime, RoutedExpertStorage,  # noqa: F401
+                   Runner, Target, TargetOptions, artifact_bytes, cli_flag, op_times)
 
 # --target name -> module holding TARGET. Imported lazily: a target's toolchain loads only when it is used.
 REGISTRY = {

@@ -23,6 +23,8 @@ Adding a target (the guide):
      from the saved files alone (the runtime tests check it against the report);
    - `op_profile(out_dir, max_seq_len, threads, drive) -> list[OpTime] | None`: optional, where the runtime has a
      profiler (`mote-bench --profile` prints its top operators); the default says it has none;
+   - `kernel_benchmark(threads, quick)`: optional, where the target ships kernels of its own: each timed alone,
+     ternary against fp32 and against the memory-bandwidth bound (`mote-bench` prints them);
    - `fp32_experts_supported`: whether `CommonOptions.fp32_experts` (the benchmark's baseline: the same model with
      float32 routed experts, same runtime) can be lowered;
    - `timing_caveat`: None where `runner` is the deployment runtime itself; else what its timings measure instead
@@ -141,6 +143,33 @@ class OpTime:
     calls: int
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelTime:
+    """A target's own kernel timed alone (outside its runtime): the ternary kernel and, where one exists, the fp32
+    kernel it replaces, on the same shape and routing."""
+
+    isa: str         # the instruction set the kernel ran on ("avx2", "neon-dotprod", ...)
+    threads: int
+    op: str          # what was timed, with its shape
+    tokens: int
+    ternary_ms: float
+    fp32_ms: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BandwidthBound:
+    """The ternary routed-experts kernel at decode on a working set far larger than the caches, against the time the
+    bytes it must read take at the measured read bandwidth."""
+
+    isa: str
+    threads: int
+    shape: str
+    bytes_per_call: int
+    ms_per_call: float
+    read_gb_s: float         # measured on this machine, same thread count
+    time_over_bound: float   # ms_per_call / (bytes_per_call / read bandwidth)
+
+
 def op_times(samples) -> list[OpTime]:
     """(kind, ms) samples, one per operator run, summed by kind; the most expensive first."""
     total: dict[str, list] = {}
@@ -200,6 +229,13 @@ class Target:
         """The operators the runtime's own profiler recorded while `drive(runner)` ran a freshly loaded runner, by
         kind (`op_times`); nesting records (a whole method, a delegate call) are left out, so the kinds' times add up
         to at most the profiled time. None: the runtime has no profiler (the default)."""
+        return None
+
+    def kernel_benchmark(self, threads: tuple[int, ...], quick: bool) -> tuple[list[KernelTime],
+                                                                              list[BandwidthBound]] | None:
+        """The target's own low-bit kernels timed alone (`mote-bench` prints them after the whole-decoder tables),
+        for each thread count; `quick`: the smoke test's tiny setting. None: the target has no kernels of its own
+        (the default)."""
         return None
 
     def runtime_versions(self) -> dict[str, str]:

@@ -17,6 +17,8 @@ Every target of the registry is benchmarked the same way, through the target con
   Python call included, medians;
 - `--profile`: the runtime's own profiler (`target.op_profile`: ORT's trace, ExecuTorch's ETDump) over decode steps
   of each variant at the smallest expert count, first thread count: the operator kinds that take the time;
+- the target's own kernels alone, where it ships any (`target.kernel_benchmark`: our ExecuTorch kernel library),
+  ternary vs fp32 and against the memory-bandwidth bound;
 - ratios, computed from those numbers only: fp32 over ternary (size and latency) and 4E over E (expert-count
   scaling; top-1 reads one expert per token either way).
 
@@ -109,7 +111,7 @@ MODES = {
     # The README's figures: 8 lowerings per target (2 shapes x E, 4E x 2 variants), each thread count timed for >= 1 s
     # per decoder. On 2 busy cores: onnx 5 min, android 10 min (ExecuTorch's graph passes: 30-60 s per lowering).
     "default": Mode(shapes=(
-        ModelShape("small (d=256)", hidden=256, expert_intermediate=512, intermediate=512),
+        ModelShape("example (d=128)", hidden=128, expert_intermediate=256, intermediate=256),   # the example's widths
         ModelShape("realistic (d=1024)", hidden=1024, expert_intermediate=1536, intermediate=2816, heads=8,
                    vocab=1024),
     ), max_seq_len=128, prefill_len=64, decode_prefix=64, decode_steps=50, min_seconds=1.0),
@@ -354,6 +356,11 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
     with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
         for shape in m.shapes:
             rows += bench_shape(target, shape, m, tuple(threads), Path(work), log, profile)
+    kernels = None
+    log(f"{target_name}: its own kernels alone, if it has any (target.kernel_benchmark)")
+    if (timed := target.kernel_benchmark(tuple(threads), quick=mode == "quick")) is not None:
+        kernels = {"times": [dataclasses.asdict(t) for t in timed[0]],
+                   "bandwidth_bound": [dataclasses.asdict(b) for b in timed[1]]}
     import torch
 
     settings = {"mode": mode, "threads": list(threads), "profile": profile,
@@ -364,10 +371,10 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
                 "wall_s": round(time.perf_counter() - started, 1),
                 "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     return {"target": target_name, "settings": settings, "rows": rows, "scaling": expert_scaling_rows(rows),
-            "notes": notes(target_name, m, rows)}
+            "kernels": kernels, "notes": notes(target_name, m, rows, kernels)}
 
 
-def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
+def notes(target_name: str, m: Mode, rows: list[dict], kernels: dict | None = None) -> list[str]:
     from mote.targets import get_target
 
     caveat = get_target(target_name).timing_caveat
@@ -404,6 +411,11 @@ def notes(target_name: str, m: Mode, rows: list[dict]) -> list[str]:
     for variant in VARIANTS:
         for d in dict.fromkeys(d for r in rows for d in r[variant]["deviations"]):
             out.append(f"{target_name} {variant} export: {d}")
+    if kernels:
+        out.append(f"kernels alone: {target_name}'s own kernels timed outside the runtime (target.kernel_benchmark), "
+                   "medians; fp32 = the same routed experts in float32 through the same routing; bound = bytes one "
+                   "decode call must read / the read bandwidth measured here with the same threads (time/bound 1.0: "
+                   "as fast as the memory delivers the bytes)")
     if not all(r[v]["reported_matches_artifact"] for r in rows for v in VARIANTS):
         out.append("the routed-expert bytes target.lower reported differ from those read back from the artifact "
                    "(JSON: reported_routed_expert_bytes)")
@@ -482,6 +494,28 @@ SCALING_COLUMNS = [
 ]
 
 
+KERNEL_COLUMNS = [
+    Column("kernels alone", NAME_WIDTH, lambda k: k["isa"], left=True),
+    Column("thr", 3, lambda k: k["threads"]),
+    Column("op", 44, lambda k: k["op"][:44], left=True),
+    Column("tokens", 6, lambda k: k["tokens"]),
+    SEPARATOR,
+    Column("ternary ms", 10, lambda k: k["ternary_ms"], ".4f"),
+    Column("fp32 ms", 8, lambda k: "-" if k["fp32_ms"] is None else f"{k['fp32_ms']:.4f}"),
+    Column("x", 6, lambda k: "-" if k["fp32_ms"] is None else f"{k['fp32_ms'] / k['ternary_ms']:.2f}"),
+]
+BOUND_COLUMNS = [
+    Column("bandwidth bound", NAME_WIDTH, lambda b: b["isa"], left=True),
+    Column("thr", 3, lambda b: b["threads"]),
+    Column("shape", 44, lambda b: b["shape"][:44], left=True),
+    SEPARATOR,
+    Column("MB/call", 8, lambda b: b["bytes_per_call"] / 1e6, ".2f"),
+    Column("ms/call", 8, lambda b: b["ms_per_call"], ".3f"),
+    Column("read GB/s", 9, lambda b: b["read_gb_s"], ".2f"),
+    Column("time/bound", 10, lambda b: b["time_over_bound"], ".2f"),
+]
+
+
 PROFILE_TOP = 8   # operator kinds shown per variant (the JSON has all)
 PROFILE_COLUMNS = [
     Column("top ops (decode)", NAME_WIDTH, lambda o: o["config"], left=True),
@@ -523,6 +557,9 @@ def format_table(result: dict) -> str:
         lines += [""] + table_lines(SCALING_COLUMNS, result["scaling"])
     if profiled := profile_records(rows):
         lines += [""] + table_lines(PROFILE_COLUMNS, profiled)
+    if result.get("kernels"):
+        lines += [""] + table_lines(KERNEL_COLUMNS, result["kernels"]["times"])
+        lines += [""] + table_lines(BOUND_COLUMNS, result["kernels"]["bandwidth_bound"])
     lines.append("")
     shapes = dict.fromkeys((r["config"], r["hidden"], r["expert_intermediate"], r["shared_intermediate"], r["layers"],
                             r["heads"], r["kv_heads"], r["vocab"], r["top_k"]) for r in rows)

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
 from mote.export import progress
 from mote.export.programs import KVCacheStyle
 from mote.export.verify import Tolerance
-from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, cli_flag,
-                          op_times, quiet_toolchain)
+from mote.targets import (BandwidthBound, CommonOptions, KernelTime, Lowered, OpTime, RoutedExpertStorage, Target,
+                          TargetOptions, cli_flag, op_times, quiet_toolchain)
 from mote.targets.lowering import routed_expert_weights, use_float_experts
 
 from . import kernel_library
@@ -203,6 +205,29 @@ class ExecuTorchTarget(Target):
 
     def routed_expert_storage(self, out_dir: Path) -> RoutedExpertStorage:
         return pte_routed_expert_storage(Path(out_dir) / PTE_NAME)
+
+    def kernel_benchmark(self, threads, quick):
+        """Our kernel library's own benchmark (kernels/selftest, `--bench`): on every instruction set this CPU runs,
+        the routed experts of a top-1 block (ternary vs the same experts in fp32, our fp32 kernel) and one ternary
+        linear, at d=1024 and expert width 1536; then the routed experts at decode over far more expert bytes than
+        the caches hold, against the measured read bandwidth."""
+        times, bounds = [], []
+        for n in threads:
+            argv = [str(kernel_library.selftest_path()), "--bench", "--threads", str(n)] + (["--quick"] if quick else [])
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{argv[0]} --bench failed: {done.stderr.strip()[-500:]}")
+            run = json.loads(done.stdout)
+            for isa, ops in run["isa"].items():
+                for op, fp32 in (("routed_experts", "routed_experts_float"), ("ternary_linear_1536x1024", None)):
+                    for tokens_key, ms in ops[f"{op}_ms"].items():
+                        times.append(KernelTime(isa, n, f"{op} ({run['shape']})" if fp32 else op,
+                                                int(tokens_key[1:]), ms, ops[f"{fp32}_ms"][tokens_key] if fp32 else None))
+            for isa, b in run["dram_bound"].items():
+                bounds.append(BandwidthBound(isa, n, b["shape"], b["bytes_per_call"], b["ms_per_call"],
+                                             next(v for k, v in run.items() if k.startswith("read_bandwidth_gbps")),
+                                             b["time_over_bound"]))
+        return times, bounds
 
     def runtime_versions(self) -> dict[str, str]:
         from importlib.metadata import version

@@ -29,6 +29,11 @@ SOURCES = Path(__file__).resolve().parent / "kernels"
 _loaded: dict[str, object] = {}
 
 
+def selftest_path() -> Path:
+    """The kernels' self-test and benchmark executable of the host build (kernels/selftest)."""
+    return library_path().parent / "mote_kernels_selftest"
+
+
 def library_path() -> Path:
     override = os.environ.get("MOTE_EXECUTORCH_KERNELS")
     return Path(override) if override else BUILD_DIR / LIBRARY_NAME

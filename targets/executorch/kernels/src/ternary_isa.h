@@ -35,9 +35,9 @@ struct Kernels {
 };
 
 // Software prefetch distance of the streaming kernels, in row tiles. Rows are contiguous, so the same offset
-// kPrefetchTiles * R rows further on is the line a later tile will load: prefetching it while the current tile
-// computes lets a matrix stream from DRAM at close to the memory bandwidth (without it, load latency and compute
-// added up: 1.5x the bandwidth bound instead of 1.1x on a Xeon). A prefetch past the matrix's end is harmless.
+// kPrefetchTiles * R rows further on is the line a later tile will load: prefetching it lets the matrix stream from
+// DRAM while the current tile computes (on a Xeon a 12.6 MB expert took 1.5 ms without, load latency and compute
+// adding up, and 1.1 ms with, ~1.1-1.2x the read bandwidth). A prefetch past the matrix's end is harmless.
 constexpr int64_t kPrefetchTiles = 2;
 
 const Kernels& scalar_kernels();
