@@ -211,6 +211,19 @@ def size_ratios(row: dict) -> None:
     row["bits_ratio_fp32_over_ternary"] = f["bits_per_weight"] / t["bits_per_weight"]
     row["routed_expert_bytes_ratio_fp32_over_ternary"] = f["routed_expert_bytes"] / t["routed_expert_bytes"]
     row["artifact_bytes_ratio_fp32_over_ternary"] = f["artifact_bytes"] / t["artifact_bytes"]
+    # what the ratio would be if a decode step took the time of its weight reads (both variants read the same
+    # float32 dense weights; only their routed storage differs)
+    row["decode_weight_bytes"] = {v: decode_weight_bytes(row, v) for v in VARIANTS}
+    row["decode_weight_bytes_ratio_fp32_over_ternary"] = (row["decode_weight_bytes"]["fp32"]
+                                                          / row["decode_weight_bytes"]["ternary"])
+
+
+def decode_weight_bytes(row: dict, variant: str) -> float:
+    """Weight bytes one decode step reads: every weight but the routed experts once, in float32 (the benchmark's
+    models are text-only with a tied embedding: the lm head reads it), and top_k / E of the routed storage read back
+    from the artifact (the chosen expert of each MoE layer)."""
+    dense = row["parameters"] - row[variant]["routed_expert_weights"]
+    return 4.0 * dense + row[variant]["routed_expert_bytes"] * row["top_k"] / row["experts"]
 
 
 def latency_entry(threads: int, ternary: dict, fp32: dict) -> dict:
@@ -392,6 +405,8 @@ def notes(target_name: str, m: Mode, rows: list[dict], kernels: dict | None = No
         + f"; static KV cache of {m.max_seq_len}; all decoders of a model timed round-robin, one thread count "
           "after the other",
     ]
+    out.append("bytes x = the decode ratio if a step took the time of its weight reads: fp32 / ternary bytes read per "
+               "step (every non-routed weight once in float32, plus top_k / E of the routed storage in the artifact)")
     float_bits = sorted({r["fp32"]["bits_per_weight"] for r in rows} - {32.0})
     if float_bits:
         bits = "/".join(f"{b:g}" for b in float_bits)
@@ -474,6 +489,7 @@ LATENCY_COLUMNS = [
     Column("thr", 3, lambda r: r["threads"]),
     SEPARATOR, *_triple("prefill ms tern", 15, lambda v: v["prefill_ms"], ".3f", "prefill_ratio_fp32_over_ternary"),
     SEPARATOR, *_triple("decode ms tern", 14, lambda v: v["decode_ms"], ".3f", "decode_ratio_fp32_over_ternary"),
+    Column("bytes x", 7, lambda r: r["decode_weight_bytes_ratio_fp32_over_ternary"], ".2f"),
 ]
 SCALING_COLUMNS = [
     Column("expert-count scaling", NAME_WIDTH, lambda s: s["config"], left=True),
@@ -543,7 +559,9 @@ def profile_records(rows: list[dict]) -> list[dict]:
 
 def latency_records(rows: list[dict]) -> list[dict]:
     """One record per row and thread count (the latency table's lines)."""
-    return [{"config": r["config"], "experts": r["experts"], **entry} for r in rows for entry in r["latency"]]
+    return [{"config": r["config"], "experts": r["experts"],
+             "decode_weight_bytes_ratio_fp32_over_ternary": r["decode_weight_bytes_ratio_fp32_over_ternary"], **entry}
+            for r in rows for entry in r["latency"]]
 
 
 def format_table(result: dict) -> str:

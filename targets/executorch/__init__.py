@@ -219,14 +219,15 @@ class ExecuTorchTarget(Target):
                 raise RuntimeError(f"{argv[0]} --bench failed: {done.stderr.strip()[-500:]}")
             run = json.loads(done.stdout)
             for isa, ops in run["isa"].items():
-                for op, fp32 in (("routed_experts", "routed_experts_float"), ("ternary_linear_1536x1024", None)):
-                    for tokens_key, ms in ops[f"{op}_ms"].items():
-                        times.append(KernelTime(isa, n, f"{op} ({run['shape']})" if fp32 else op,
-                                                int(tokens_key[1:]), ms, ops[f"{fp32}_ms"][tokens_key] if fp32 else None))
+                for tokens_key, ms in ops["routed_experts_ms"].items():
+                    times.append(KernelTime(isa, n, f"routed_experts ({run['shape']})", int(tokens_key[1:]), ms,
+                                            ops["routed_experts_float_ms"][tokens_key]))
+                for tokens_key, ms in ops["ternary_linear_ms"].items():
+                    times.append(KernelTime(isa, n, f"ternary_linear {run['linear_shape']}", int(tokens_key[1:]), ms,
+                                            None))
             for isa, b in run["dram_bound"].items():
                 bounds.append(BandwidthBound(isa, n, b["shape"], b["bytes_per_call"], b["ms_per_call"],
-                                             next(v for k, v in run.items() if k.startswith("read_bandwidth_gbps")),
-                                             b["time_over_bound"]))
+                                             run["read_bandwidth_gbps"], b["time_over_bound"]))
         return times, bounds
 
     def runtime_versions(self) -> dict[str, str]:

@@ -333,7 +333,9 @@ void random_routing(Rng& rng, int64_t n, int64_t top_k, int64_t experts, std::ve
   }
 }
 
-const int64_t kOddK[] = {1, 3, 5, 31, 33, 127, 129, 200, 1000, 128, 256, 384, 512};
+// Below 512 the AVX-512 VNNI dispatch runs the AVX2 kernels (ternary_dispatch.cpp: code_kernels_for), so the K of 512
+// and more (whole and partial 64-byte groups) are what test the VNNI kernels.
+const int64_t kOddK[] = {1, 3, 5, 31, 33, 127, 129, 200, 128, 256, 384, 512, 517, 700, 1000, 1025};
 
 int64_t random_k(Rng& rng) { return kOddK[rng.below(sizeof(kOddK) / sizeof(kOddK[0]))]; }
 
@@ -444,7 +446,10 @@ void check_routed(Rng& rng, const std::vector<Mode>& modes, Checker& check) {
   }
 }
 
-// routed_experts_float against the double reference: every output within 1e-5 of its token's largest output.
+// routed_experts_float against the double reference: every output within 1e-4 of its token's largest output. The
+// kernels sum in float32, in their own order: a short dot product that cancels (d=33, I=1) was 1.5e-5 off; an
+// indexing mistake is off by the output's whole size.
+constexpr double kFloatTolerance = 1e-4;
 void check_routed_float(Rng& rng, const std::vector<Mode>& modes, Checker& check, double& worst) {
   const RoutedCase c = random_routed(rng);
   std::vector<float> weights[3];
@@ -471,7 +476,7 @@ void check_routed_float(Rng& rng, const std::vector<Mode>& modes, Checker& check
       for (int64_t r = 0; r < c.d; ++r) {
         const double err = std::fabs(y[t * c.d + r] - want[t * c.d + r]) / norm;
         worst = std::max(worst, err);
-        if (!(err <= 1e-5)) {
+        if (!(err <= kFloatTolerance)) {
           char buf[200];
           std::snprintf(buf, sizeof buf, ": token %lld output %lld is %.9g, the reference %.9g (%.2g relative)",
                         static_cast<long long>(t), static_cast<long long>(r), y[t * c.d + r], want[t * c.d + r],
@@ -523,8 +528,8 @@ int run_check() {
     if (!check.failed()) check_bad_ids(rng, modes, check);
     if (check.failed()) break;
     std::printf("%s: %d cases bit-exact (%d ternary_linear, %d routed_experts; serial and 3 threads), "
-                "%d routed_experts_float within 1e-5 (worst %.1e), out-of-range ids rejected\n",
-                isa_name(isa), kLinear + kRouted, kLinear, kRouted, kFloat, worst_float);
+                "%d routed_experts_float within %.0e (worst %.1e), out-of-range ids rejected\n",
+                isa_name(isa), kLinear + kRouted, kLinear, kRouted, kFloat, kFloatTolerance, worst_float);
   }
   if (check.failed()) {
     std::printf("FAILED: %s\n", check.failure().c_str());
@@ -609,7 +614,8 @@ std::string json_times(const double (&ms)[2]) {
   return buf;
 }
 
-// Median times (ms) at d=1024, I=1536, E=4, top-1 of one instruction set's kernels on `parallel`.
+// Median times (ms) of one instruction set's kernels on `parallel`: the routed experts of m (E=4, top-1) and one
+// ternary linear, expert 0's gate [I x d].
 std::string bench_isa(Isa isa, const BenchModel& m, const ParallelFor& parallel) {
   Rng rng(7);
   constexpr int64_t kCalls = 4096;
@@ -633,7 +639,7 @@ std::string bench_isa(Isa isa, const BenchModel& m, const ParallelFor& parallel)
       routed_experts_float(isa, x.data(), n, route.top_p.data(), top_i, 1, m.fw, y.data(), ws.data(), parallel);
     });
   }
-  return std::string("{\"ternary_linear_1536x1024_ms\": ") + json_times(linear) +
+  return std::string("{\"ternary_linear_ms\": ") + json_times(linear) +
          ", \"routed_experts_ms\": " + json_times(routed) + ", \"routed_experts_float_ms\": " +
          json_times(routed_float) + "}";
 }
@@ -741,7 +747,8 @@ int run_bench(int threads, const std::string& only, bool quick) {
   const int64_t d = quick ? 128 : 1024, inter = quick ? 256 : 1536;
   std::string out = "{\"threads\": " + std::to_string(threads) + ", \"detected\": \"" + isa_name(detect_isa()) +
                     "\", \"shape\": \"d=" + std::to_string(d) + " I=" + std::to_string(inter) +
-                    " E=4 top-1, random routing\", \"isa\": {";
+                    " E=4 top-1, random routing\", \"linear_shape\": \"" + std::to_string(inter) + "x" +
+                    std::to_string(d) + "\", \"isa\": {";
   {
     const BenchModel m = bench_model(rng, d, inter, 4);
     for (size_t i = 0; i < isas.size(); ++i) {
