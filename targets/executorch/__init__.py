@@ -64,7 +64,8 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False,
            fast_partitioning: bool = True, kernels: str = "fused"):
     """ExportedPrograms (after the pass pipeline) -> ExecuTorch program manager.
 
-    `float_experts` builds the benchmark's fp32 baseline: the same gather structure over float32 expert weights.
+    `float_experts` builds the benchmark's fp32 baseline: the same routing over float32 expert weights (fused: our
+    library's fp32 kernel; portable: the same gather structure).
     `fast_partitioning=False` runs ExecuTorch's delegation exactly as shipped (see partitioning.py; tests compare).
     `kernels`: "fused" (our kernel library runs the routed experts) or "portable" (ATen ops only), see decompose.py.
     """

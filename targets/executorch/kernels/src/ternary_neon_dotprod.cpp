@@ -13,27 +13,13 @@
 #include <cstring>
 
 #include "ternary_isa.h"
+#include "ternary_neon_sums.h"
 #include "ternary_quantize.h"
 
 namespace mote::isa {
 namespace {
 
 constexpr int64_t kGroup = 16;
-
-// out[t * out_stride + r] = the lane sum of s[r][t] for r < valid_rows; pairwise adds reduce four vectors at a time.
-template <int R, int T>
-void store_sums(const int32x4_t (&s)[R][T], int64_t valid_rows, int32_t* out, int64_t out_stride) {
-  constexpr int N = R * T, Padded = (N + 3) / 4 * 4;
-  int32x4_t v[Padded];
-  for (int i = 0; i < Padded; ++i) v[i] = i < N ? s[i / T][i % T] : vdupq_n_s32(0);
-  int32_t sums[Padded];
-  for (int i = 0; i < Padded; i += 4) {
-    vst1q_s32(sums + i, vpaddq_s32(vpaddq_s32(v[i], v[i + 1]), vpaddq_s32(v[i + 2], v[i + 3])));
-  }
-  for (int r = 0; r < valid_rows; ++r) {
-    for (int t = 0; t < T; ++t) out[t * out_stride + r] = sums[r * T + t];
-  }
-}
 
 // R rows x T tokens of sum code*q, three accumulators per pair (scales 1, 4, 16).
 struct CodeTile {
