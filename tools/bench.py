@@ -109,7 +109,7 @@ class Mode:
 
 MODES = {
     # The README's figures: 8 lowerings per target (2 shapes x E, 4E x 2 variants), each thread count timed for >= 1 s
-    # per decoder. On 2 busy cores: onnx 5 min, android 10 min (ExecuTorch's graph passes: 30-60 s per lowering).
+    # per decoder. On 2 idle cores: onnx 2 min, android 3.5 min (ExecuTorch's graph passes: 13-22 s per lowering).
     "default": Mode(shapes=(
         ModelShape("example (d=128)", hidden=128, expert_intermediate=256, intermediate=256),   # the example's widths
         ModelShape("realistic (d=1024)", hidden=1024, expert_intermediate=1536, intermediate=2816, heads=8,
@@ -513,7 +513,7 @@ SCALING_COLUMNS = [
 KERNEL_COLUMNS = [
     Column("kernels alone", NAME_WIDTH, lambda k: k["isa"], left=True),
     Column("thr", 3, lambda k: k["threads"]),
-    Column("op", 44, lambda k: k["op"][:44], left=True),
+    Column("op", 56, lambda k: k["op"], left=True),
     Column("tokens", 6, lambda k: k["tokens"]),
     SEPARATOR,
     Column("ternary ms", 10, lambda k: k["ternary_ms"], ".4f"),
@@ -523,7 +523,7 @@ KERNEL_COLUMNS = [
 BOUND_COLUMNS = [
     Column("bandwidth bound", NAME_WIDTH, lambda b: b["isa"], left=True),
     Column("thr", 3, lambda b: b["threads"]),
-    Column("shape", 44, lambda b: b["shape"][:44], left=True),
+    Column("shape", 56, lambda b: b["shape"], left=True),
     SEPARATOR,
     Column("MB/call", 8, lambda b: b["bytes_per_call"] / 1e6, ".2f"),
     Column("ms/call", 8, lambda b: b["ms_per_call"], ".3f"),

@@ -210,11 +210,12 @@ class ExecuTorchTarget(Target):
     def kernel_benchmark(self, threads, quick):
         """Our kernel library's own benchmark (kernels/selftest, `--bench`): on every instruction set this CPU runs,
         the routed experts of a top-1 block (ternary vs the same experts in fp32, our fp32 kernel) and one ternary
-        linear, at d=1024 and expert width 1536; then the routed experts at decode over far more expert bytes than
-        the caches hold, against the measured read bandwidth."""
+        linear, at d=1024 and expert width 1536 (`quick`: 128 and 256); then the routed experts at decode over far
+        more expert bytes than the caches hold, against the measured read bandwidth."""
         times, bounds = [], []
         for n in threads:
-            argv = [str(kernel_library.selftest_path()), "--bench", "--threads", str(n)] + (["--quick"] if quick else [])
+            argv = [str(kernel_library.selftest_path()), "--bench", "--threads", str(n)]
+            argv += ["--quick"] if quick else []
             done = subprocess.run(argv, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{argv[0]} --bench failed: {done.stderr.strip()[-500:]}")
