@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from . import semantics
 from .config import MoteConfig, load_config
 from .errors import InputError
-from .model import HFVisionTower, MoteForConditionalGeneration, TernaryLinear
+from .model import HFVisionTower, MoteForConditionalGeneration, QuantizedEmbedding, QuantizedLinear, TernaryLinear
+from .quantization import QuantSpec, part_of
 from .rope import rope_frequencies
 from .trits import pack_trits
 
@@ -34,8 +36,13 @@ INDEX_NAME = "model.safetensors.index.json"
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
-    """Validate and load a model directory into an eval-mode fp32 reference model with packed routed experts."""
+def load_model(model_dir: str | Path, quantization: QuantSpec | None = None) -> MoteForConditionalGeneration:
+    """Validate and load a model directory into an eval-mode fp32 reference model with packed routed experts.
+
+    With `quantization` (`--quantize`), the chosen full-precision linears and the embedding are quantized as they
+    are read (`QuantizedLinear` / `QuantizedEmbedding`: int8 values + scales), so their fp32 copies never exist
+    together: this model is the reference that holds the same quantized weights as the artifact.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: not a directory")
@@ -47,7 +54,11 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
     state = _unfuse_experts(state, cfg)
     _drop_unused(state, model)
     _mark_prequantized(model, state)
+    quantized = _quantize_modules(model, quantization, state, file_names, model_dir) if quantization else {}
     expected = model.state_dict()
+    for module_name, module in quantized.items():    # the files hold the float weight; it is quantized as read
+        del expected[f"{module_name}.qweight"], expected[f"{module_name}.qscale"]
+        expected[f"{module_name}.weight"] = torch.empty(module.out_features, module.in_features, device="meta")
     missing = [k for k in expected if k not in state]
     if missing:
         raise InputError(f"{model_dir}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -66,6 +77,12 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
         if weight.is_floating_point() and not _all_finite(weight):
             raise InputError(f"{where}: tensor '{shown}' contains NaN or Inf")
         module_name, _, leaf = name.rpartition(".")
+        if module_name in quantized and leaf == "weight":
+            module = quantized[module_name]
+            q, scale = semantics.quantize_weight(weight, module.bits, module.group_size)
+            weights[f"{module_name}.qweight"], weights[f"{module_name}.qscale"] = q, scale
+            del weight
+            continue
         module = ternary.get(module_name)
         if module is None:
             weights[name] = weight
@@ -81,6 +98,41 @@ def load_model(model_dir: str | Path) -> MoteForConditionalGeneration:
     model.load_state_dict(weights, assign=True, strict=True)
     model.inv_freq = rope_frequencies(cfg)[0]   # a non-persistent buffer (not in the files), built on meta above
     return model.eval()
+
+
+def _quantize_modules(model, spec: QuantSpec, state, file_names, model_dir: Path) -> dict[str, QuantizedLinear]:
+    """Swap the modules `spec` quantizes for their quantized form (on meta; filled as the tensors are read).
+
+    A tied output head gets its own module, read from the embedding's tensor, when either side is quantized: the
+    token embedding is another program, and the two may be quantized differently. A group that does not divide a
+    module's input width is refused before any tensor is read."""
+    cfg = model.config
+    if cfg.tie_word_embeddings and (spec.bits_of("embed") or spec.bits_of("lm_head")):
+        with torch.device("meta"):
+            model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        embed = "model.embed_tokens.weight"
+        if embed in state:
+            state["lm_head.weight"] = state[embed]
+            file_names["lm_head.weight"] = file_names.get(embed, embed)
+    out = {}
+    for name, module in list(model.named_modules()):
+        bits = spec.bits_of(part_of(name))
+        if bits is None or not (isinstance(module, nn.Linear) or (name == "model.embed_tokens")):
+            continue
+        k = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+        group = spec.group_size(bits, k)
+        if k % group:
+            raise InputError(f"{model_dir}: --quantize group {group} does not divide the input width {k} of "
+                             f"'{name}' (use group=channel, or a group that divides {k})")
+        with torch.device("meta"):
+            if isinstance(module, nn.Embedding):
+                new = QuantizedEmbedding(module.num_embeddings, module.embedding_dim, bits, group)
+            else:
+                new = QuantizedLinear(module.in_features, module.out_features, module.bias is not None, bits, group)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        out[name] = new
+    return out
 
 
 def _packed(module_name: str, module: TernaryLinear, parts: dict) -> dict[str, torch.Tensor]:

@@ -104,6 +104,41 @@ class TernaryLinear(nn.Module):
         return F.linear(x_q, w_q)
 
 
+class QuantizedLinear(nn.Module):
+    """A full-precision linear after post-training quantization (`--quantize`, `export.quantization`): `qweight`
+    (int8 [out, in], int4 values in int8 storage), `qscale` (float32 [out, in / group_size]), an optional fp32 bias.
+
+    `weight` is the dequantized matrix through `mote::dequantize_weight`, so code that reads a linear's weight (the
+    shared expert's SwiGLU, a tied head) computes with the quantized values, and the traced graph shows
+    `linear(x, mote.dequantize_weight(q, s))` for the pass `fuse_quantized_linear` to fuse.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("qscale", torch.empty(out_features, in_features // group_size))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.ops.mote.dequantize_weight(self.qweight, self.qscale, self.bits, self.group_size)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """A quantized token embedding [vocab, d], groups along d; a lookup is a gather of quantized rows (traced as
+    `embedding(mote.dequantize_weight(q, s), tokens)`, fused into `mote.quantized_embedding`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int):
+        super().__init__(embedding_dim, num_embeddings, False, bits, group_size)
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight)
+
+
 class TernaryExpert(nn.Module):
     def __init__(self, d: int, inter: int, per_channel: bool):
         super().__init__()

@@ -56,6 +56,29 @@ def ternary_expert(x, t_gate, s_gate, t_up, s_up, t_down, s_down):
     return bitlinear(h, t_down, s_down)
 
 
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric post-training quantization of a full-precision weight [out, K] (DESIGN.md section 4), round to
+    nearest: per group of `group_size` consecutive inputs of one output row (group_size = K: per output channel),
+    s = max(|w_group|_inf, 1e-5) / (2^(bits-1) - 1) and q = clamp(round(w / s), -2^(bits-1), 2^(bits-1) - 1).
+
+    Returns q (int8 [out, K], int4 values in int8 storage) and the scales (float32 [out, K / group_size]).
+    The largest magnitude of a group maps to +-(2^(bits-1) - 1), so -2^(bits-1) is never produced (zero point 0:
+    the stored codes are q + 2^(bits-1), ONNX Runtime's MatMulNBits default zero point).
+    """
+    out, k = weight.shape
+    qmax = 2 ** (bits - 1) - 1
+    grouped = weight.reshape(out, k // group_size, group_size).to(torch.float32)
+    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp(min=WEIGHT_EPS) / qmax
+    q = torch.clamp(torch.round(grouped / scale), -qmax - 1, qmax).to(torch.int8)
+    return q.reshape(out, k), scale.reshape(out, k // group_size)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [out, K] (integers) * its group's scale [out, K / group_size] -> float32 [out, K]."""
+    out, k = q.shape
+    return (q.to(torch.float32).reshape(out, k // group_size, group_size) * scale.unsqueeze(-1)).reshape(out, k)
+
+
 def swiglu(x, w_gate, w_up, w_down):
     """Full-precision SwiGLU FFN: W_down (silu(W_gate x) * (W_up x))."""
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
@@ -63,7 +86,10 @@ def swiglu(x, w_gate, w_up, w_down):
 
 def shared_expert(x, w_gate, w_up, w_down, w_shared_gate=None):
     """The full-precision shared expert: swiglu(x), times sigmoid(w_g . x) where the model has a shared-expert gate
-    (Qwen2-MoE)."""
+    (Qwen2-MoE). None without its weights: a fused block whose shared expert is computed outside it (quantized
+    weights, see `passes.fuse_moe_block`)."""
+    if w_gate is None:
+        return None
     out = swiglu(x, w_gate, w_up, w_down)
     if w_shared_gate is not None:
         out = torch.sigmoid(F.linear(x, w_shared_gate)) * out
@@ -116,6 +142,8 @@ def moe_ffn(x, shared, w_shared_gate, router_logits, top_k: int, norm_topk_prob:
     a traced graph must not branch on data).
     """
     shared_out = shared_expert(x, *shared, w_shared_gate)
+    if shared_out is None:      # the shared expert is added outside the block: the routed sum starts from zero
+        shared_out = torch.zeros_like(x)
     combine = route(router_logits, top_k, norm_topk_prob)
     selected = selected_experts(combine) if skip_unselected else None
     return moe_combine(shared_out, combine, expert_output, selected)

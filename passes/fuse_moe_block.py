@@ -14,6 +14,17 @@ After:
 
     y = mote.moe_ffn(h, Wg, Wu, Wd, Wsg?, Wr, stack(G), stack(G scales), stack(U), ..., stack(D), ..., k, renorm)
 
+A shared expert quantized by `--quantize` (its linears already `mote.quantized_linear`, see
+`fuse_quantized_linear`) stays outside the op, which then has no shared weights:
+
+    shared = mote.quantized_linear(silu(mote.quantized_linear(h, Qg)) * mote.quantized_linear(h, Qu), Qd)
+             [* sigmoid(linear(h, Wsg))]
+    y      = shared + mote.moe_ffn(h, None, None, None, None, Wr, stack(G), ..., k, renorm)
+
+so each target lowers the quantized linears with its low-bit kernels, as it does everywhere else. The routed sum
+then starts from zero and the shared output is added last: for top-1 the same sum, for top-k a different order of
+the k + 1 additions (float rounding).
+
 The per-expert packed trits and scales are stacked into [E, ...] buffers (the layout fused MoE kernels such as
 ONNX Runtime's QMoE read from), and the per-expert buffers leave the program. The op's reference kernel runs the
 same functions in the same order, so y is bit-identical.
@@ -27,10 +38,11 @@ import torch
 
 from .match import is_op, only_user, op, other_arg
 from .ops import MoeFfnArgs
-from .program import add_constant, constant_value, finish_rewrite, replace_call, spec_for
+from .program import add_constant, call, constant_value, finish_rewrite, replace_call, spec_for
 
 aten = torch.ops.aten
 TERNARY = torch.ops.mote.ternary_linear.default
+QUANTIZED = torch.ops.mote.quantized_linear.default
 
 
 class NoMatch(Exception):
@@ -68,6 +80,19 @@ def _swiglu(ep, node, h):
     wg, wu = _linear_weight(ep, mul.args[0].args[0], h), _linear_weight(ep, mul.args[1], h)
     wd = node.args[1] if constant_value(ep, node.args[1]) is not None else None
     return (wg, wu, wd) if None not in (wg, wu, wd) else None
+
+
+def _quantized_swiglu(node, h) -> bool:
+    """node = swiglu of h whose linears are mote.quantized_linear (or constant-weight linears), at least one quantized."""
+    def proj(n, x):
+        return (is_op(n, QUANTIZED) or (is_op(n, aten.linear.default) and len(n.args) == 2)) and n.args[0] is x
+
+    mul = op(node.args[0], aten.mul.Tensor) if is_op(node, QUANTIZED, aten.linear.default) else None
+    if mul is None or not is_op(mul.args[0], aten.silu.default):
+        return False
+    parts = (mul.args[0].args[0], mul.args[1], node)
+    return (proj(parts[0], h) and proj(parts[1], h) and proj(node, mul)
+            and any(is_op(p, QUANTIZED) for p in parts))
 
 
 def _ternary_expert(node, h, e):
@@ -131,17 +156,20 @@ def _match(ep, topk):
     for e in range(1, n_experts):
         _require(acc_users[e][1] is acc_users[e - 1][0], f"expert {e} is not added onto the sum of experts 0..{e - 1}")
     shared_out, output = acc_users[0][1], acc_users[-1][0]
-    shared_gate = None
+    whole_shared, shared_gate = shared_out, None
     if is_op(shared_out, aten.mul.Tensor) and any(is_op(a, aten.sigmoid.default) for a in shared_out.args):
         sig = next(a for a in shared_out.args if is_op(a, aten.sigmoid.default))
         shared_gate = _linear_weight(ep, sig.args[0], h)
         shared_out = other_arg(shared_out, sig)
         _require(shared_gate is not None, "shared-expert gate is not sigmoid(linear(h, W)) with a constant W")
     shared = _swiglu(ep, shared_out, h)
+    outside = None
+    if shared is None and _quantized_swiglu(shared_out, h):
+        shared, shared_gate, outside = (None, None, None), None, whole_shared
     _require(shared is not None, f"shared expert output is {_what(shared_out)}, "
-                                 "not linear(silu(linear(h)) * linear(h)) with constant weights")
+                                 "not linear(silu(linear(h)) * linear(h)) with constant or quantized weights")
     return dict(h=h, shared=shared, shared_gate=shared_gate, router=router, experts=experts, top_k=top_k,
-                renorm=renorm, output=output)
+                renorm=renorm, output=output, shared_outside=outside)
 
 
 def _stack(ep, nodes_by_expert, arg_index, fqn):
@@ -177,7 +205,11 @@ def fuse_moe_block(ep) -> int:
         wg, wu, wd = m["shared"]
         args = MoeFfnArgs(x=m["h"], shared_gate=wg, shared_up=wu, shared_down=wd, shared_expert_gate=m["shared_gate"],
                           router=m["router"], **stacked, top_k=int(m["top_k"]), norm_topk_prob=bool(m["renorm"]))
-        replace_call(graph, m["output"], torch.ops.mote.moe_ffn.default, args.args())
+        if m["shared_outside"] is None:
+            replace_call(graph, m["output"], torch.ops.mote.moe_ffn.default, args.args())
+        else:   # y = shared + moe_ffn(no shared): the quantized shared expert stays as its own ops
+            routed = call(graph, torch.ops.mote.moe_ffn.default, args.args(), m["output"])
+            replace_call(graph, m["output"], aten.add.Tensor, (m["shared_outside"], routed))
         count += 1
     finish_rewrite(ep)
     return count

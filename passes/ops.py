@@ -10,6 +10,17 @@
                   down_packed u8[E, d, ceil(I/4)], down_scale f32[E, 1|d],
                   top_k, norm_topk_prob) -> f32[..., d]
 
+    mote::dequantize_weight(q i8[out, K], scale f32[out, K/g], bits, group_size) -> f32[out, K]     q * its group's scale
+    mote::quantized_linear(x f32[..., K], q i8[out, K], scale f32[out, K/g], bias f32[out]?, bits, group_size)
+        -> f32[..., out]                                                 linear(x, dequantize_weight(q, scale)) + bias
+    mote::quantized_embedding(tokens i64[...], q i8[V, d], scale f32[V, d/g], bits, group_size) -> f32[..., d]
+
+The quantized ops hold post-training quantized full-precision parts (`--quantize`, `export.quantization`): q are
+symmetric integers of `bits` bits (int4 values in int8 storage; a target packs them as its runtime wants), one
+fp32 scale per group of `group_size` inputs (group_size = K: per output channel). A `mote.moe_ffn` whose shared
+expert is quantized has no shared weights (all None): its shared expert is quantized_linear ops outside it, added
+to its output.
+
 Packed trits are the canonical storage of `export.trits` (2-bit codes `trit + 2`, four per byte, lowest bits first
 along the input dimension).
 
@@ -61,7 +72,8 @@ def _(x, packed, scale, in_features):
 # -- moe_ffn -------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("mote::moe_ffn", mutates_args=())
-def moe_ffn(x: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor,
+def moe_ffn(x: torch.Tensor, shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
+            shared_down: torch.Tensor | None,
             shared_expert_gate: torch.Tensor | None, router: torch.Tensor,
             gate_packed: torch.Tensor, gate_scale: torch.Tensor, up_packed: torch.Tensor, up_scale: torch.Tensor,
             down_packed: torch.Tensor, down_scale: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
@@ -87,6 +99,52 @@ def _(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, gate_p
     return torch.empty_like(x)
 
 
+# -- post-training quantized full-precision weights --------------------------------------------------------------------
+
+def _check_quantized(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> None:
+    torch._check(q.dtype == torch.int8, lambda: "mote: quantized weights must be int8")
+    torch._check(bits in (4, 8), lambda: f"mote: {bits}-bit weights are not supported (4 or 8)")
+    torch._check(q.shape[-1] % group_size == 0 and scale.shape[-1] * group_size == q.shape[-1],
+                 lambda: "mote: quantization scales do not match the weight's groups")
+
+
+@torch.library.custom_op("mote::dequantize_weight", mutates_args=())
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    _check_quantized(q, scale, bits, group_size)
+    return semantics.dequantize_weight(q, scale, group_size)
+
+
+@dequantize_weight.register_fake
+def _(q, scale, bits, group_size):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("mote::quantized_linear", mutates_args=())
+def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                     group_size: int) -> torch.Tensor:
+    _check_quantized(q, scale, bits, group_size)
+    return torch.nn.functional.linear(x, semantics.dequantize_weight(q, scale, group_size), bias)
+
+
+@quantized_linear.register_fake
+def _(x, q, scale, bias, bits, group_size):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+@torch.library.custom_op("mote::quantized_embedding", mutates_args=())
+def quantized_embedding(tokens: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
+                        group_size: int) -> torch.Tensor:
+    _check_quantized(q, scale, bits, group_size)
+    flat = tokens.reshape(-1)    # gather the rows, then dequantize only them: the same values as the whole table's
+    rows = semantics.dequantize_weight(q.index_select(0, flat), scale.index_select(0, flat), group_size)
+    return rows.reshape(*tokens.shape, q.shape[1])
+
+
+@quantized_embedding.register_fake
+def _(tokens, q, scale, bits, group_size):
+    return scale.new_empty((*tokens.shape, q.shape[1]))
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeFfnArgs:
     """The arguments of one `mote.moe_ffn` call, by the names of the op's schema.
@@ -97,10 +155,10 @@ class MoeFfnArgs:
     """
 
     x: Any
-    shared_gate: Any
+    shared_gate: Any           # the shared expert's three weights: None when it is outside the op (quantized)
     shared_up: Any
     shared_down: Any
-    shared_expert_gate: Any    # None without a shared-expert gate
+    shared_expert_gate: Any    # None without a shared-expert gate (or with the shared expert outside)
     router: Any
     gate_packed: Any
     gate_scale: Any
@@ -138,4 +196,7 @@ class MoeFfnArgs:
         return (self.gate_packed, self.gate_scale, self.up_packed, self.up_scale, self.down_packed, self.down_scale)
 
 
-MOTE_OPS = (torch.ops.mote.unpack_trits.default, torch.ops.mote.ternary_linear.default, torch.ops.mote.moe_ffn.default)
+MOTE_OPS = (torch.ops.mote.unpack_trits.default, torch.ops.mote.ternary_linear.default, torch.ops.mote.moe_ffn.default,
+            torch.ops.mote.dequantize_weight.default, torch.ops.mote.quantized_linear.default,
+            torch.ops.mote.quantized_embedding.default)
+QUANTIZED_OPS = (torch.ops.mote.quantized_linear.default, torch.ops.mote.quantized_embedding.default)

@@ -1,12 +1,14 @@
 """The pass pipeline: the one place that says which rewrites run, in which order.
 
 Every target runs exactly this list; targets then lower the `mote::` ops it leaves (passes are target-free).
-After the list, `check_moe_fused` makes sure it did what the targets (and their reports) rely on.
+After the list, `check_moe_fused` and `check_quantized` make sure it did what the targets (and their reports) rely on.
 """
 from __future__ import annotations
 
 from .check_moe_fused import check_moe_fused
+from .check_quantized import check_quantized
 from .fuse_moe_block import fuse_moe_block
+from .fuse_quantized_linear import fuse_quantized_linear
 from .fuse_ternary_linear import fuse_ternary_linear
 from .program import op_histogram
 from .remove_dead_code import remove_dead_code
@@ -16,6 +18,7 @@ from .verify_numerics import check_numerics, run_program
 PIPELINE = [
     ternarize_expert_weights,   # float/int8 routed-expert weights -> packed trits + scales (unpack_trits in graph)
     fuse_ternary_linear,        # Q8(x) . T^T * s_x * s_w            -> mote.ternary_linear
+    fuse_quantized_linear,      # linear(x, dequantize(Q, S))         -> mote.quantized_linear (--quantize; also gathers)
     fuse_moe_block,             # shared + router + top-k + experts  -> mote.moe_ffn
     remove_dead_code,           # dangling nodes and unused constants
 ]
@@ -41,4 +44,6 @@ def run_pipeline(programs: dict, moe_layers: tuple[int, ...], verify: bool = Tru
         log[name] = entry
     fused = check_moe_fused(programs, tuple(moe_layers))
     log["text_decoder"]["moe_ffn_layers"] = fused
+    for name, count in check_quantized(programs).items():
+        log[name]["quantized_ops"] = count
     return programs, log

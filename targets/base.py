@@ -27,6 +27,9 @@ Adding a target (the guide):
      ternary against fp32 and against the memory-bandwidth bound (`mote-bench` prints them);
    - `fp32_experts_supported`: whether `CommonOptions.fp32_experts` (the benchmark's baseline: the same model with
      float32 routed experts, same runtime) can be lowered;
+   - `quantized_bits`: the weight bit widths of `--quantize` (`mote.quantized_linear` / `mote.quantized_embedding`)
+     its lowering takes to the runtime's own low-bit kernels; a spec needing others is refused (exit 2), never
+     left in fp32;
    - `timing_caveat`: None where `runner` is the deployment runtime itself; else what its timings measure instead
      (`mote-bench` prints it with the latencies).
 2. One line in `REGISTRY` (`targets/__init__.py`).
@@ -55,7 +58,9 @@ class CommonOptions:
     model_dir: Path | None     # the input model directory (None for a model built in memory: tests, benchmarks)
     out_dir: Path              # where `lower` writes (the CLI's staging folder; moved into place once verified)
     max_seq_len: int           # static KV-cache length
-    quantization: str | None = None   # --quantize spec for the full-precision parts (issue 14); None: fp32
+    # --quantize (export.quantization.QuantSpec) for the full-precision parts; None: fp32. The programs already hold
+    # mote.quantized_linear / mote.quantized_embedding ops where it quantized.
+    quantization: object | None = None
     verify: bool = True        # the artifact will be checked in its runtime after lowering
     # The model directory's special token ids (export.tokenizer.SpecialIds); runners that embed them (ExecuTorch's
     # constant methods) take them from here. None: the model config's.
@@ -206,6 +211,7 @@ class Target:
     tolerance: Tolerance
     Options: ClassVar[type[TargetOptions]] = TargetOptions
     fp32_experts_supported: ClassVar[bool] = False
+    quantized_bits: ClassVar[tuple[int, ...]] = ()
     timing_caveat: ClassVar[str | None] = None
 
     def preflight(self, options: TargetOptions, verify: bool = True) -> None:
@@ -215,6 +221,12 @@ class Target:
 
     def lower(self, programs: dict, model, common: CommonOptions, options: TargetOptions) -> Lowered:
         raise NotImplementedError  # pragma: no cover - interface
+
+    def tolerance_for(self, lowered: Lowered) -> Tolerance:
+        """The numerics bar this lowering is verified at (DESIGN.md section 6): `tolerance`, unless what was lowered
+        departs from it, e.g. a kernel the artifact uses quantizes activations (a deviation named in `lowered`):
+        then at most the 35 dB of a declared deviation."""
+        return self.tolerance
 
     def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None) -> Runner:
         """`threads`: CPU threads the runtime computes with (None: its default). A runtime whose threadpool is

@@ -75,8 +75,8 @@ def gathered_top_k_moe(x, shared, shared_expert_gate, router, num_experts: int, 
     ids = chosen_experts(top_i, num_experts)
     # P^T [U, N]: U (data-dependent) stays the leading dim of every tensor, so ExecuTorch can order strides.
     weight = (top_p.unsqueeze(0) * (top_i.unsqueeze(0) == ids.view(-1, 1, 1)).to(top_p.dtype)).sum(dim=-1)
-    routed = (weight.unsqueeze(-1) * experts(flat, ids)).sum(dim=0)
-    return shared_out + routed.reshape(x.shape)
+    routed = (weight.unsqueeze(-1) * experts(flat, ids)).sum(dim=0).reshape(x.shape)
+    return routed if shared_out is None else shared_out + routed   # None: the shared expert is outside (quantized)
 
 
 def grouped_bitlinear(q, s_v, trits, scale):
@@ -147,7 +147,8 @@ def split_moe_ffn(args: MoeFfnArgs, routed):
     shared_out = semantics.shared_expert(args.x, *args.shared, args.shared_expert_gate)
     flat = args.x.reshape(-1, args.x.shape[-1])
     _, top_p, top_i = semantics.route_top_k(F.linear(flat, args.router), args.top_k, args.norm_topk_prob)
-    return shared_out + routed(flat, top_p, top_i).reshape(args.x.shape)
+    out = routed(flat, top_p, top_i).reshape(args.x.shape)
+    return out if shared_out is None else shared_out + out   # None: the shared expert is outside (quantized)
 
 
 def fused_routed_experts(args: MoeFfnArgs):

@@ -166,8 +166,8 @@ def test_pipeline_keeps_kv_cache_state_and_numerics():
     assert after["mote.moe_ffn"] == 2 and after["aten.index_copy_"] == 4
     assert {"k_cache_0", "v_cache_1"} <= set(ep.state_dict)
     assert log["text_decoder"]["max_abs_diff"] == 0.0
-    assert [p.__name__ for p in PIPELINE] == ["ternarize_expert_weights", "fuse_ternary_linear", "fuse_moe_block",
-                                              "remove_dead_code"]
+    assert [p.__name__ for p in PIPELINE] == ["ternarize_expert_weights", "fuse_ternary_linear", "fuse_quantized_linear",
+                                              "fuse_moe_block", "remove_dead_code"]
 
 
 def test_numerics_check_fails_loudly_on_a_changed_program():

@@ -63,8 +63,8 @@ def test_one_unmatchable_layer_fails_the_export(make_model_dir, tmp_path, monkey
     d = make_model_dir(layers=2, vision=False)
     load = mote.export.loader.load_model
 
-    def load_with_a_changed_layer(model_dir):
-        model = load(model_dir)
+    def load_with_a_changed_layer(model_dir, quantization=None):
+        model = load(model_dir, quantization)
         expert = model.model.layers[1].mlp.experts[0]
         forward = expert.forward
         expert.forward = types.MethodType(lambda self, x: forward(x) * 0.5, expert)

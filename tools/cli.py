@@ -1,6 +1,7 @@
 """`mote-export`: trace a MoTE model, rewrite it into ternary `mote::` ops, lower it to a target, verify it.
 
-    mote-export --target {android,ios,onnx,tvm} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--no-verify] [-v | -q]
+    mote-export --target {android,ios,onnx,tvm} MODEL_DIR [-o OUT_DIR] [--max-seq-len N] [--quantize SPEC]
+                [--no-verify] [-v | -q]
                 [target options: `mote-export --target T --help` lists them]
 
 Exit codes (DESIGN.md section 7): 0 success, 2 bad input or usage, 3 numerics verification failed, 1 anything else.
@@ -92,6 +93,11 @@ def _common_parser(target_help: str) -> _Parser:
     ap.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     ap.add_argument("-o", "--out", type=Path, help="output directory (default: out/<model>-<target>)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="static KV-cache length (default: min(128, max positions))")
+    ap.add_argument("--quantize", metavar="SPEC", default=None,
+                    help="post-training quantization of the full-precision parts: a preset (int8, int4; 8da4w and 4w "
+                         "are int4) and/or PART=SCHEME entries (parts embed, attn, shared, router, lm_head, vision; "
+                         "schemes fp32, int8, int4) and group=32|64|128|256|channel, comma-separated, e.g. "
+                         "int4,lm_head=int4,group=64. Routed experts stay ternary.")
     ap.add_argument("--no-verify", action="store_true", help="skip the numerics check against PyTorch")
     ap.add_argument("--prompt", default=None, help="verification prompt (default: MODEL_DIR/prompt.txt or a fixed one)")
     ap.add_argument("--image", type=Path, default=None, help="verification image, PNG (default: MODEL_DIR/sample.png)")
@@ -127,6 +133,16 @@ def parse_args(argv):
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     args.target_options = options_class.from_args(args)
+    args.quantization = None
+    if args.quantize is not None:
+        from mote.export.quantization import parse
+        args.quantization = parse(args.quantize)
+        supported = get_target(known.target).quantized_bits
+        missing = sorted(args.quantization.used_bits - set(supported))
+        if missing:
+            have = ", ".join(f"int{b}" for b in supported) or "no quantized weights yet"
+            raise UsageError(f"--quantize {args.quantize}: --target {known.target} does not lower "
+                             f"{', '.join(f'int{b}' for b in missing)} weights (it lowers: {have})")
     return args
 
 
@@ -173,7 +189,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     output.remove_stale_staging()
     get_target(args.target).preflight(args.target_options, verify=not args.no_verify)
     with progress.step("load", f"loading {args.model_dir}"):
-        model = load_model(args.model_dir)
+        model = load_model(args.model_dir, args.quantization)
     config = model.config
     target = get_target(args.target)
     max_seq_len = args.max_seq_len or min(128, config.max_position_embeddings)
@@ -193,7 +209,8 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     staging = output.create_staging()
     try:
         common = CommonOptions(model_dir=args.model_dir, out_dir=staging, max_seq_len=max_seq_len,
-                               verify=not args.no_verify, special_ids=prompt.special)
+                               quantization=args.quantization, verify=not args.no_verify,
+                               special_ids=prompt.special)
         with progress.step("lower", f"lowering to {args.target}"):
             lowered = target.lower(programs, model, common, args.target_options)
         # The artifact is on disk: the programs and the model (which share the weights) are not needed any more.
@@ -209,7 +226,8 @@ def run(args, console: Console | None = None, argv=None) -> dict:
             "target": args.target,
             "model_dir": str(args.model_dir),
             "max_seq_len": max_seq_len,
-            "options": {"common": {"max_seq_len": max_seq_len, "quantization": common.quantization,
+            "options": {"common": {"max_seq_len": max_seq_len,
+                                   "quantization": args.quantization.as_dict() if args.quantization else None,
                                    "verify": common.verify},
                         "target": args.target_options.as_dict()},
             "artifacts": [{"path": p.name, "bytes": artifact_size(p)} for p in lowered.artifacts],
@@ -230,10 +248,11 @@ def run(args, console: Console | None = None, argv=None) -> dict:
             with progress.step("verify", f"checking numerics in the {args.target} runtime against PyTorch"):
                 numerics = replay(reference, target.runner(staging, max_seq_len))
                 release_memory()
-            ok, why = passed(numerics, target.tolerance)
+            tolerance = target.tolerance_for(lowered)
+            ok, why = passed(numerics, tolerance)
             report["numerics"] = numerics
             report["verify"] = "passed" if ok else "failed"
-            report["tolerance"] = dataclasses.asdict(target.tolerance)
+            report["tolerance"] = dataclasses.asdict(tolerance)
             if not ok:
                 raise VerificationError(f"numerics check failed: {why}; no artifact was written to {output.path}")
         report["timings_s"] = {**progress.timings, "total": round(time.perf_counter() - started, 3)}
