@@ -54,7 +54,7 @@ def load_model(model_dir: str | Path, quantization: QuantSpec | None = None) -> 
     state = _unfuse_experts(state, cfg)
     _drop_unused(state, model)
     _mark_prequantized(model, state)
-    quantized = _quantize_modules(model, quantization, state, file_names, model_dir) if quantization else {}
+    quantized = quantize_modules(model, quantization, state, file_names, model_dir) if quantization else {}
     expected = model.state_dict()
     for module_name, module in quantized.items():    # the files hold the float weight; it is quantized as read
         del expected[f"{module_name}.qweight"], expected[f"{module_name}.qscale"]
@@ -100,7 +100,7 @@ def load_model(model_dir: str | Path, quantization: QuantSpec | None = None) -> 
     return model.eval()
 
 
-def _quantize_modules(model, spec: QuantSpec, state, file_names, model_dir: Path) -> dict[str, QuantizedLinear]:
+def quantize_modules(model, spec: QuantSpec, state, file_names, model_dir: Path) -> dict[str, QuantizedLinear]:
     """Swap the modules `spec` quantizes for their quantized form (on meta; filled as the tensors are read).
 
     A tied output head gets its own module, read from the embedding's tensor, when either side is quantized: the

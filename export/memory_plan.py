@@ -2,7 +2,7 @@
 a dense fp16 model and as our targets export it, without reading a weight.
 
 The module tree is built on the meta device exactly as `export.loader.load_model` builds it (its
-`_quantize_modules` swaps the modules a `--quantize` spec covers, so a tied head quantized on its own is a copy
+`quantize_modules` swaps the modules a `--quantize` spec covers, so a tied head quantized on its own is a copy
 here too); then every tensor of it is priced:
 
     column      routed experts                          quantized parts (--quantize)        the rest
@@ -23,7 +23,7 @@ import math
 import torch
 
 from .config import MoteConfig
-from .loader import _quantize_modules
+from .loader import quantize_modules
 from .model import MoteForConditionalGeneration, QuantizedLinear, TernaryLinear
 from .quantization import QuantSpec, part_of
 
@@ -110,7 +110,7 @@ def plan(cfg: MoteConfig, spec: QuantSpec | None = None, max_seq_len: int | None
     for part, _, _, t in _tensors(model):
         fp16[part] += t.numel() * FP16
     if spec is not None:
-        _quantize_modules(model, spec, {}, {}, where)
+        quantize_modules(model, spec, {}, {}, where)
     exported = dict.fromkeys(PARTS, 0)
     for part, module, leaf, t in _tensors(model):
         exported[part] += _exported_bytes(module, leaf, t)

@@ -181,6 +181,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     from mote.export.verify import passed, record_reference, replay
     from mote.passes.pipeline import run_pipeline
     from mote.targets import get_target
+    from mote.tools.quant_eval import reference_effect
 
     started = time.perf_counter()
     progress = Progress(console)
@@ -188,17 +189,31 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     output.check()
     output.remove_stale_staging()
     get_target(args.target).preflight(args.target_options, verify=not args.no_verify)
-    with progress.step("load", f"loading {args.model_dir}"):
+    fp32_record = None
+    if args.quantization is not None and not args.no_verify:
+        # The quantization's own effect is measured against the fp32 model, loaded and run first and released
+        # before the quantized one is loaded: the two never hold their weights at the same time.
+        with progress.step("fp32_reference", "running the fp32 PyTorch reference (the quantization's baseline)"):
+            fp32_model = load_model(args.model_dir)
+            fp32_max_seq_len = args.max_seq_len or min(128, fp32_model.config.max_position_embeddings)
+            prompt, pixel_values, _ = verification_inputs(args, fp32_model)
+            fp32_record = record_reference(EagerRunner(fp32_model, fp32_max_seq_len), prompt, pixel_values)
+            del fp32_model
+    with progress.step("load", f"loading {args.model_dir}" + (f" (--quantize {args.quantize}: quantized as read)"
+                                                              if args.quantization else "")):
         model = load_model(args.model_dir, args.quantization)
     config = model.config
     target = get_target(args.target)
     max_seq_len = args.max_seq_len or min(128, config.max_position_embeddings)
     prompt, pixel_values, image_file = verification_inputs(args, model)
-    reference = None
+    reference = quantization_effect = None
     if not args.no_verify:
         # Once, now: the reference's outputs are kept (a few MB) and the model need not outlive the lowering.
         with progress.step("reference", "running the PyTorch reference on the verification prompt"):
             reference = record_reference(EagerRunner(model, max_seq_len), prompt, pixel_values)
+        if fp32_record is not None:
+            with progress.step("quantization_effect", "measuring the quantized reference against the fp32 one"):
+                quantization_effect = reference_effect(fp32_record, model, max_seq_len)
     with progress.step("trace", f"tracing {('vision_encoder, ' if model.vision_tower is not None else '')}"
                                 "token_embedding, text_decoder with torch.export"):
         programs = export_programs(model, max_seq_len, target.kv_style)
@@ -241,6 +256,13 @@ def run(args, console: Console | None = None, argv=None) -> dict:
             "passes": pass_log,
             "model": model_facts(config, prompt, image_file),
         }
+        report["memory_plan"] = memory_plan_facts(config, args.quantization, max_seq_len, artifact_bytes)
+        if args.quantization is not None:
+            report["quantization"] = {**args.quantization.as_dict(), "quantized_ops": {
+                name: entry["quantized_ops"] for name, entry in pass_log.items() if "quantized_ops" in entry},
+                # The quantized reference against the fp32 one (DESIGN.md section 6): the quantization's own effect;
+                # `numerics` compares the artifact with the quantized reference.
+                "effect": quantization_effect}
         if args.no_verify:
             report["verify"] = "skipped"
             report["numerics"] = {}
@@ -278,6 +300,18 @@ def size_facts(lowered, artifact_bytes: int) -> dict:
     fp32 = artifact_bytes - lowered.routed_expert_bytes + 4 * lowered.routed_expert_weights
     return {"artifact_bytes": artifact_bytes, "fp32_experts_estimate_bytes": fp32,
             "ratio_to_fp32_experts_estimate": round(artifact_bytes / max(fp32, 1), 4)}
+
+
+def memory_plan_facts(config, quantization, max_seq_len: int, artifact_bytes: int) -> dict:
+    """`mote-inspect --plan`'s table for this export (bytes by part, fp16 vs as exported, the KV cache at
+    max_seq_len; export/memory_plan.py, from the model as it was lowered), and the artifacts' real total beside the
+    plan's: what the format adds (headers, packing padding, a target's fp16 storage) or saves."""
+    from mote.export.memory_plan import plan
+
+    table = plan(config, quantization, max_seq_len).as_dict()
+    table["artifact_bytes"] = artifact_bytes
+    table["artifact_over_plan"] = round(artifact_bytes / max(table["weights"]["exported"], 1), 4)
+    return table
 
 
 def model_facts(cfg, prompt, image_file: Path | None) -> dict:
@@ -328,6 +362,13 @@ def summary(report: dict) -> str:
                                    f"({_mb(report['routed_expert_bytes'])} for {report['routed_expert_weights']:,} weights)"))
     for program, stats in report.get("numerics", {}).items():
         rows.append((program, _numerics_line(stats)))
+    quant = report.get("quantization")
+    if quant is not None:
+        parts = ", ".join(f"{p} {b}" for p, b in quant["parts"].items() if b)
+        effect = quant["effect"]
+        rows.append(("quantized", parts + (f"; vs the fp32 reference: decoder SQNR "
+                                           f"{effect['text_decoder']['sqnr_db']:.1f} dB, greedy "
+                                           f"{effect['text_decoder']['greedy_match']}" if effect else "")))
     rows += [("deviation", d) for d in report.get("deviations", [])]
     unknown = report.get("model", {}).get("unknown_special_ids")
     if unknown:

@@ -1,6 +1,7 @@
 """Scale benchmark: `mote-export` on real-size MoTE shapes, per target, per stage (DESIGN.md section 10).
 
-    python -m mote.tools.scale_bench [--shape 0.5b|1.5b ...] [--target onnx android ...] [--dir D] [--json F]
+    python -m mote.tools.scale_bench [--shape 0.5b|1.5b|3b ...] [--target onnx android ...] [--quantize SPEC]
+                                     [--dir D] [--json F]
 
 For each shape, writes the random model once into D/<shape> (tools/scale_check.py's writer: bf16 safetensors,
 tensor by tensor; reused when already there), then runs `mote-export --target T` in a fresh process per target
@@ -8,8 +9,10 @@ tensor by tensor; reused when already there), then runs `mote-export --target T`
 - wall time and peak RSS per stage (load, reference, trace, passes, lower, verify) and for the whole process;
 - artifact bytes by part: routed experts (weights + scales, read back from the artifact) and the rest;
 - peak RSS / artifact bytes (the goal is under 3x) and the budget verdict (0.5B: <= 10 min, <= 8 GiB, verified).
-Prints a table and writes the JSON. Shapes: Qwen2.5-0.5B (24 layers, hidden 896, experts of 4864) and
-Qwen2.5-1.5B (28 layers, hidden 1536, experts of 8960), each with 1 shared + 4 routed top-1 experts per layer.
+Prints a table and writes the JSON. Shapes: Qwen2.5-0.5B (24 layers, hidden 896, experts of 4864),
+Qwen2.5-1.5B (28 layers, hidden 1536, experts of 8960) and Qwen2.5-3B (36 layers, hidden 2048, experts of 11008:
+12.8 B weights; DESIGN.md section 10 budgets it with `--quantize` at <= 20 GiB), each with 1 shared + 4 routed
+top-1 experts per layer. `--quantize SPEC` is passed to every export (and the 3B shape needs it).
 """
 from __future__ import annotations
 
@@ -26,12 +29,15 @@ from mote.tools.make_random_model import random_config
 from mote.tools.scale_check import write_model
 
 STAGES = ("load", "reference", "trace", "passes", "lower", "verify")
-BUDGET = {"0.5b": {"wall_s": 600, "peak_rss_gib": 8.0}}
+STAGES = ("fp32_reference", *STAGES, "quantization_effect")   # the first and last only with --quantize
+BUDGET = {"0.5b": {"wall_s": 600, "peak_rss_gib": 8.0}, "3b": {"wall_s": None, "peak_rss_gib": 20.0}}
 
 
 def qwen25_config(shape: str) -> dict:
     dims = {"0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, expert_intermediate=4864),
-            "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, expert_intermediate=8960)}[shape]
+            "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, expert_intermediate=8960),
+            "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
+                       expert_intermediate=11008)}[shape]
     cfg = random_config(**dims, vocab=151936, experts=4, top_k=1, moe_layers="all", vision=False, max_positions=32768)
     cfg["rope_theta"] = 1_000_000.0
     return cfg
@@ -49,10 +55,10 @@ def ensure_model(model_dir: Path, shape: str) -> None:
           flush=True)
 
 
-def run_export(model_dir: Path, target: str, out: Path, max_seq_len: int) -> dict:
+def run_export(model_dir: Path, target: str, out: Path, max_seq_len: int, quantize: str | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "mote.tools.cli", "--target", target, str(model_dir), "-o", str(out),
-           "--max-seq-len", str(max_seq_len)]
+           "--max-seq-len", str(max_seq_len), *(["--quantize", quantize] if quantize else [])]
     # The child's output goes to files beside the output, not pipes: wait4 (for the child's peak RSS) must not
     # block on a full pipe.
     log = out.parent / f"{out.name}.log"
@@ -99,7 +105,7 @@ def verdict(shape: str, row: dict) -> str:
         return "FAILED"
     if budget is None:
         return "no budget"
-    ok = (row["wall_s"] <= budget["wall_s"] and row["process_peak_rss_bytes"] <= budget["peak_rss_gib"] * 2**30
+    ok = ((budget["wall_s"] is None or row["wall_s"] <= budget["wall_s"]) and row["process_peak_rss_bytes"] <= budget["peak_rss_gib"] * 2**30
           and row["verify"] == "passed" and row["greedy"] == "32/32")
     return "within budget" if ok else "OVER BUDGET"
 
@@ -128,8 +134,9 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", nargs="+", default=["0.5b", "1.5b"], choices=["0.5b", "1.5b"])
+    ap.add_argument("--shape", nargs="+", default=["0.5b", "1.5b"], choices=["0.5b", "1.5b", "3b"])
     ap.add_argument("--target", nargs="+", default=["onnx", "android"])
+    ap.add_argument("--quantize", default=None, help="a mote-export --quantize spec for every export (e.g. int4)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/mote-scale"), help="models and outputs (kept)")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -140,13 +147,15 @@ def main(argv=None) -> int:
         ensure_model(model_dir, shape)
         for target in a.target:
             print(f"scale_bench: {shape} -> {target} ...", flush=True)
-            row = {"shape": shape, **run_export(model_dir, target, a.dir / f"out-{shape}-{target}", a.max_seq_len)}
+            suffix = f"-{a.quantize.replace(',', '_').replace('=', '')}" if a.quantize else ""
+            row = {"shape": shape, "quantize": a.quantize,
+                   **run_export(model_dir, target, a.dir / f"out-{shape}-{target}{suffix}", a.max_seq_len, a.quantize)}
             row["verdict"] = verdict(shape, row)
             results.append(row)
             print(f"scale_bench: {shape} {target}: exit {row['exit_code']}, {row['wall_s']:.0f} s, peak "
                   f"{row['process_peak_rss_bytes'] / 2**30:.2f} GiB, {row['verdict']}", flush=True)
     print(table(results))
-    out = json.dumps({"max_seq_len": a.max_seq_len, "results": results}, indent=1)
+    out = json.dumps({"max_seq_len": a.max_seq_len, "quantize": a.quantize, "results": results}, indent=1)
     print(out)
     if a.json:
         a.json.write_text(out + "\n")
