@@ -111,3 +111,24 @@ def test_bench_quick_structure(name, tmp_path, capsys):
     for line, r in zip(size_lines, result["rows"]):
         assert line.endswith(f"{r['artifact_bytes_ratio_fp32_over_ternary']:.2f}")
     assert not any(work.iterdir())   # the lowered artifacts are cleaned up
+
+
+def test_bench_quick_quantize(tmp_path, capsys):
+    """`--quantize int4`: the ternary variant also has its full-precision parts quantized (as mote-export builds it),
+    the fp32 baseline stays float32; the bytes a decode step reads follow the memory plan of each variant."""
+    work, out = tmp_path / "work", tmp_path / "bench.json"
+    work.mkdir()
+    assert bench.main(["--target", "onnx", "--quick", "--quantize", "int4", "--threads", "1", "--json", str(out),
+                       "--work-dir", str(work)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["settings"]["quantize"] == "int4" and "ternary + --quantize int4 vs all-fp32" in printed
+    for r in result["rows"]:
+        t, f = r["ternary"], r["fp32"]
+        assert r["quantize"] == "int4"
+        # attention and shared expert at 4 bits + a scale per 32 weights, the head at 8: far below float32
+        assert 0 < t["dense_decode_bytes"] < f["dense_decode_bytes"] / 3
+        assert t["artifact_bytes"] < f["artifact_bytes"] / 2
+        assert r["decode_weight_bytes_ratio_fp32_over_ternary"] == bench.decode_weight_bytes(r, "fp32") / \
+            bench.decode_weight_bytes(r, "ternary")
+    assert any("--quantize int4 for the full-precision parts" in n for n in result["notes"])

@@ -1,6 +1,7 @@
 """`mote-bench --target T`: ternary vs float32 routed experts of the same model, in the target's own runtime.
 
-    mote-bench --target {android,ios,onnx,tvm} [--quick] [--profile] [--json out.json] [--threads 1 2] [--work-dir DIR] [-v]
+    mote-bench --target {android,ios,onnx,tvm} [--quick] [--profile] [--quantize SPEC] [--json out.json]
+               [--threads 1 2] [--work-dir DIR] [-v]
 
 Every target of the registry is benchmarked the same way, through the target contract only (targets/base.py):
 
@@ -21,6 +22,9 @@ Every target of the registry is benchmarked the same way, through the target con
   ternary vs fp32 and against the memory-bandwidth bound;
 - ratios, computed from those numbers only: fp32 over ternary (size and latency) and 4E over E (expert-count
   scaling; top-1 reads one expert per token either way).
+- `--quantize SPEC`: the "ternary" variant also has its full-precision parts quantized as `mote-export --quantize`
+  does (the model saved, then loaded with the spec: quantized as read); the "fp32" baseline stays all float32. This
+  is the paper's deployment (ternary experts + PTQ of the rest) against the fp32-expert model.
 
 Progress goes to stderr, the tables to stdout, `--json` writes everything. `--quick` is the smoke test's setting
 (tiny models, few repeats, numbers meaningless). Timings are reported, never checked. The thread counts are timed
@@ -219,11 +223,20 @@ def size_ratios(row: dict) -> None:
 
 
 def decode_weight_bytes(row: dict, variant: str) -> float:
-    """Weight bytes one decode step reads: every weight but the routed experts once, in float32 (the benchmark's
-    models are text-only with a tied embedding: the lm head reads it), and top_k / E of the routed storage read back
-    from the artifact (the chosen expert of each MoE layer)."""
-    dense = row["parameters"] - row[variant]["routed_expert_weights"]
-    return 4.0 * dense + row[variant]["routed_expert_bytes"] * row["top_k"] / row["experts"]
+    """Weight bytes one decode step reads: every weight but the routed experts once, as the variant stores it (the
+    memory plan of the lowered model: float32, or --quantize's bits + scales; the benchmark's models are text-only,
+    and a tied embedding is read as the lm head, an untied one only one row per token), and top_k / E of the routed
+    storage read back from the artifact (the chosen expert of each MoE layer)."""
+    return row[variant]["dense_decode_bytes"] + row[variant]["routed_expert_bytes"] * row["top_k"] / row["experts"]
+
+
+def dense_decode_bytes(config, quantization) -> int:
+    """The non-routed weight bytes of one decode step, from the memory plan (export/memory_plan.py)."""
+    from mote.export.memory_plan import plan
+
+    p = plan(config, quantization).exported
+    embed = 0 if p["lm_head"] == 0 else p["embed"]    # an untied embedding is gathered: one row per token
+    return sum(p.values()) - p["routed"] - embed
 
 
 def latency_entry(threads: int, ternary: dict, fp32: dict) -> dict:
@@ -259,6 +272,16 @@ def expert_scaling_rows(rows: list[dict]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------ benchmark
 
+def quantized(model, spec: str, work: Path):
+    """The same model with --quantize SPEC, as mote-export builds it: saved, then loaded quantizing as it reads."""
+    from mote.export.loader import load_model, save_model
+    from mote.export.quantization import parse
+
+    d = Path(tempfile.mkdtemp(prefix="model-", dir=work))
+    save_model(model, d)
+    return load_model(d, parse(spec))
+
+
 def lower(target, model, variant: str, max_seq_len: int, out_dir: Path):
     """torch.export + the pass pipeline + `target.lower` (every program of the text-only model), as mote-export
     does, without verification. Each variant exports its own (deterministic) programs: lower() rewrites them."""
@@ -291,28 +314,33 @@ def variant_facts(target, lowered, out_dir: Path, lower_s: float) -> dict:
 
 
 def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...], work: Path, log,
-                profile: bool = False) -> list[dict]:
+                profile: bool = False, quantize: str | None = None) -> list[dict]:
     """Lower each expert count x variant, then per thread count time all their decoders together (and profile the
     smallest expert count's)."""
+    from mote.export.quantization import parse
     from mote.targets import quiet_toolchain
     from mote.tools.make_random_model import random_model
 
     rows, out_dirs = [], {}
     for experts in shape.experts:
         model = random_model(shape.config(experts, mode.max_seq_len), seed=0)
-        row = {**shape.facts(), "experts": experts, "parameters": model.config.parameter_count()}
+        models = {"ternary": quantized(model, quantize, work) if quantize else model, "fp32": model}
+        row = {**shape.facts(), "experts": experts, "parameters": model.config.parameter_count(),
+               "quantize": quantize}
         for variant in VARIANTS:
             out = Path(tempfile.mkdtemp(prefix=f"{variant}-E{experts}-", dir=work))
             t0 = time.perf_counter()
             with quiet_toolchain():
-                lowered = lower(target, model, variant, mode.max_seq_len, out)
+                lowered = lower(target, models[variant], variant, mode.max_seq_len, out)
             row[variant] = variant_facts(target, lowered, out, time.perf_counter() - t0)
+            row[variant]["dense_decode_bytes"] = dense_decode_bytes(
+                model.config, parse(quantize) if quantize and variant == "ternary" else None)
             del lowered
             f = row[variant]
             log(f"{shape.name} E={experts} {variant}: lowered in {f['lower_s']:.1f} s, {f['artifact_bytes'] / 1e6:.2f}"
                 f" MB, routed experts {f['bits_per_weight']:.4f} bits/weight")
             out_dirs[(experts, variant)] = out
-        del model
+        del model, models
         gc.collect()
         size_ratios(row)
         row["latency"] = []
@@ -355,7 +383,7 @@ def profile_decode(target, out_dir: Path, hidden: int, mode: Mode, threads: int)
 
 def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, ...] = DEFAULT_THREADS,
                   work_dir: Path | None = None, log: Callable[[str], None] | None = None,
-                  profile: bool = False) -> dict:
+                  profile: bool = False, quantize: str | None = None) -> dict:
     """The whole benchmark of one target: a JSON-able dict with `target`, `settings`, `rows`, `scaling`, `notes`."""
     from mote.targets import get_target
 
@@ -368,7 +396,7 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
     rows = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
         for shape in m.shapes:
-            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log, profile)
+            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log, profile, quantize)
     kernels = None
     log(f"{target_name}: its own kernels alone, if it has any (target.kernel_benchmark)")
     if (timed := target.kernel_benchmark(tuple(threads), quick=mode == "quick")) is not None:
@@ -376,7 +404,7 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
                    "bandwidth_bound": [dataclasses.asdict(b) for b in timed[1]]}
     import torch
 
-    settings = {"mode": mode, "threads": list(threads), "profile": profile,
+    settings = {"mode": mode, "threads": list(threads), "profile": profile, "quantize": quantize,
                 "options": target.Options.for_benchmark().as_dict(),
                 "versions": {"python": platform.python_version(), "torch": torch.__version__,
                              **target.runtime_versions()},
@@ -384,17 +412,22 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
                 "wall_s": round(time.perf_counter() - started, 1),
                 "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     return {"target": target_name, "settings": settings, "rows": rows, "scaling": expert_scaling_rows(rows),
-            "kernels": kernels, "notes": notes(target_name, m, rows, kernels)}
+            "kernels": kernels, "notes": notes(target_name, m, rows, kernels, quantize)}
 
 
-def notes(target_name: str, m: Mode, rows: list[dict], kernels: dict | None = None) -> list[str]:
+def notes(target_name: str, m: Mode, rows: list[dict], kernels: dict | None = None,
+          quantize: str | None = None) -> list[str]:
     from mote.targets import get_target
 
     caveat = get_target(target_name).timing_caveat
     out = [f"latency is {caveat}"] if caveat else []
     out += [
         "fp32 = the same model with its ternary routed experts dequantized to float32 (CommonOptions.fp32_experts), "
-        "same router, attention, shared expert and lm head, same runtime: only the routed experts differ",
+        "same router, attention, shared expert and lm head, same runtime: only the routed experts differ"
+        if quantize is None else
+        f"tern = ternary routed experts and --quantize {quantize} for the full-precision parts (the model as "
+        "mote-export --quantize builds it); fp32 = the same model with every weight in float32 (routed experts "
+        "dequantized, nothing quantized), same runtime",
         "bits/w = routed-expert storage (codes + scales) read back from the artifact (target.routed_expert_storage) "
         "x 8 / routed-expert weights; experts MB = that storage; artifact MB = every file target.lower wrote",
         f"latency: median of the whole text_decoder through target.runner (Python call included); prefill = "
@@ -406,7 +439,8 @@ def notes(target_name: str, m: Mode, rows: list[dict], kernels: dict | None = No
           "after the other",
     ]
     out.append("bytes x = the decode ratio if a step took the time of its weight reads: fp32 / ternary bytes read per "
-               "step (every non-routed weight once in float32, plus top_k / E of the routed storage in the artifact)")
+               "step (every non-routed weight once as the variant stores it, plus top_k / E of the routed storage in "
+               "the artifact)")
     float_bits = sorted({r["fp32"]["bits_per_weight"] for r in rows} - {32.0})
     if float_bits:
         bits = "/".join(f"{b:g}" for b in float_bits)
@@ -567,7 +601,9 @@ def latency_records(rows: list[dict]) -> list[dict]:
 def format_table(result: dict) -> str:
     """The same tables for every target: sizes, latencies, expert-count scaling, then the models, environment, notes."""
     st, rows = result["settings"], result["rows"]
-    lines = [f"{PROG} --target {result['target']} ({st['mode']} mode): ternary vs fp32 routed experts, same model, "
+    what = (f"ternary + --quantize {st['quantize']} vs all-fp32" if st.get("quantize")
+            else "ternary vs fp32 routed experts")
+    lines = [f"{PROG} --target {result['target']} ({st['mode']} mode): {what}, same model, "
              "same runtime (x = fp32 / ternary, > 1: ternary smaller / faster)", ""]
     lines += table_lines(SIZE_COLUMNS, rows) + [""]
     lines += table_lines(LATENCY_COLUMNS, latency_records(rows))
@@ -603,6 +639,9 @@ def parse_args(argv):
     ap.add_argument("--profile", action="store_true",
                     help="also run the runtime's profiler over decode steps and print the top operators")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--quantize", metavar="SPEC", default=None,
+                    help="quantize the ternary variant's full-precision parts as mote-export --quantize SPEC does "
+                         "(the fp32 baseline stays float32)")
     ap.add_argument("--threads", type=int, nargs="+", default=list(DEFAULT_THREADS),
                     help="CPU thread counts to time, one after the other (default: 1 2)")
     ap.add_argument("--work-dir", type=Path, default=None,
@@ -612,6 +651,13 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if min(args.threads) < 1:
         ap.error("--threads: counts of 1 or more")
+    if args.quantize is not None:
+        from mote.export.errors import InputError
+        from mote.export.quantization import parse
+        try:
+            parse(args.quantize)
+        except InputError as e:
+            ap.error(str(e))
     return args
 
 
@@ -625,7 +671,7 @@ def main(argv=None) -> int:
 
         try:
             result = run_benchmark(args.target, "quick" if args.quick else "default", tuple(args.threads),
-                                   work_dir=args.work_dir, log=log, profile=args.profile)
+                                   work_dir=args.work_dir, log=log, profile=args.profile, quantize=args.quantize)
             error = None
         except Exception as e:   # one line, the toolchains' output saved aside (-v: the traceback)
             if args.verbose:

@@ -39,7 +39,7 @@ from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, T
 
 from .ort_format import write_canonical_ort
 from .repack import lower_to_ort_layouts
-from .report import ort_facts, read_back, render
+from .report import ort_facts, ort_session_facts, read_back, render
 from .variants import to_fp32_experts, to_portable
 
 # How the routed experts are stored and run: QMoE 2-bit (default), standard ops only (--portable), or float32 MoE
@@ -166,6 +166,7 @@ class OnnxTarget(Target):
     tolerance = Tolerance(min_sqnr_db=35.0)   # declared kernel deviation (QMoE activation quantization)
     Options = OnnxOptions
     fp32_experts_supported = True
+    quantized_bits = (4, 8)   # MatMulNBits / GatherBlockQuantized (repack.py); DequantizeLinear under --portable
 
     def lower(self, programs, model, common: CommonOptions, options: OnnxOptions = OnnxOptions()) -> Lowered:
         if common.fp32_experts and options.portable:
@@ -185,6 +186,10 @@ class OnnxTarget(Target):
         release_memory()
         # Every statement of the report is read back from the written files.
         facts = read_back(paths)
+        if variant == "portable":   # ORT's optimizer fuses DequantizeLinear + MatMul: what the runner will run
+            for p in paths:
+                if facts["files"][p.name]["quantized_dequantize"] or facts["files"][p.name]["int2_dequantize"]:
+                    facts["files"][p.name]["ort_session"] = ort_session_facts(p)
 
         def data_files(models):
             return [out_dir / loc for p in models for loc in facts["files"][p.name]["external_data"]["files"]]

@@ -5,6 +5,11 @@
                                                         activation-quantizing ops
     deviations, notes = render(facts, routed_weights)   sentences worded from those facts only
 
+Post-training quantized weights (`--quantize`): com.microsoft.MatMulNBits of 4 or 8 bits, com.microsoft.
+GatherBlockQuantized, and for `--portable` the DequantizeLinear nodes of an INT4 / INT8 initializer (directly or
+through a Gather of its rows); `facts["quantized"]` sums them per file, op, bits and block size (count, weights,
+bytes of the packed weights and of the scales).
+
 Routed-expert nodes: com.microsoft.QMoE (the default export: every initializer it reads from input 2 on is expert
 storage), com.microsoft.MoE (the benchmark's fp32 baseline, likewise), and for `--portable` the DequantizeLinear
 nodes whose input is an INT2 initializer (its weight, scale and zero point). Files are read without their external
@@ -12,6 +17,8 @@ data: sizes come from the tensor headers, and external data is checked to be one
 enough for every tensor that points into it.
 
     facts["ort"] = ort_facts(onnx_paths, limit, facts["files"])   per model: the .ort written (bytes) or why not
+    facts["files"][name]["ort_session"] = ort_session_facts(path)    --portable with quantized weights: the
+                                                        MatMulNBits ONNX Runtime fuses when it loads the file
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ import onnx
 from onnx import TensorProto, helper
 
 TWO_BIT = (TensorProto.INT2, TensorProto.UINT2)
+PTQ_INTS = {TensorProto.INT4: 4, TensorProto.INT8: 8}   # --portable's post-training quantized weights
+# MatMulNBits' accuracy_level 4: input A "can be quantized ... to int8 internally" (the op's schema)
+INT8_ACTIVATIONS_LEVEL = 4
 # Ops that quantize activations (ONNX standard and ORT contrib).
 ACTIVATION_QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
                          "MatMulIntegerToFloat", "DynamicQuantizeLSTM"}
@@ -84,6 +94,11 @@ def file_facts(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     facts = {
         "onnx_bytes": path.stat().st_size,
         "initializers": len(inits),
@@ -91,7 +106,8 @@ def file_facts(path: Path) -> dict:
         "external_data": _external_data(path, inits.values()),
         "opsets": {imp.domain or "ai.onnx": imp.version for imp in m.opset_import},
         "ops_by_domain": dict(sorted(Counter(n.domain or "ai.onnx" for n in g.node).items())),
-        "qmoe": [], "moe": [], "matmul_nbits": [], "int2_dequantize": [],
+        "qmoe": [], "moe": [], "matmul_nbits": [], "int2_dequantize": [], "gather_block_quantized": [],
+        "quantized_dequantize": [],
         "activation_quantizers": dict(Counter(n.op_type for n in g.node if n.op_type in ACTIVATION_QUANTIZERS)),
         "control_flow_ops": sum(n.op_type in CONTROL_FLOW for n in g.node),
         "kv_cache": {"inputs": [{"name": i.name, "shape": _shape(i)} for i in g.input if i.name.startswith("past_")],
@@ -109,13 +125,65 @@ def file_facts(path: Path) -> dict:
             facts[node.op_type.lower()].append(entry)
         elif node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
             a = _attrs(node)
-            facts["matmul_nbits"].append({"node": node.name, "bits": a.get("bits"), "block_size": a.get("block_size"),
+            facts["matmul_nbits"].append({"node": node.name, "bits": a.get("bits", 4),
+                                          "block_size": a.get("block_size"),
                                           "accuracy_level": a.get("accuracy_level", 0),
+                                          "weights": a["K"] * a["N"], **_roles(inits, node.input, 1, 2),
                                           "initializers": [_tensor(inits[i]) for i in node.input[1:] if i in inits]})
+        elif node.domain == "com.microsoft" and node.op_type == "GatherBlockQuantized":
+            a = _attrs(node)
+            data = inits[node.input[0]]
+            bits = _BITS.get(data.data_type, a.get("bits", 4))
+            facts["gather_block_quantized"].append({
+                "node": node.name, "bits": bits, "block_size": a.get("block_size", 128), "dtype": _dtype(data),
+                "weights": _numel(data) * (8 // bits if data.data_type == TensorProto.UINT8 else 1),
+                **_roles(inits, node.input, 0, 2)})
         elif node.op_type == "DequantizeLinear" and getattr(inits.get(node.input[0]), "data_type", None) in TWO_BIT:
             facts["int2_dequantize"].append({"node": node.name, "block_size": _attrs(node).get("block_size", 0),
                                              "initializers": [_tensor(inits[i]) for i in node.input if i in inits]})
+        elif node.op_type == "DequantizeLinear" and (dq := _quantized_dequantize(node, inits, producers, consumers)):
+            facts["quantized_dequantize"].append(dq)
     return facts
+
+
+def _dtype(t: onnx.TensorProto) -> str:
+    return TensorProto.DataType.Name(t.data_type)
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def _roles(inits, inputs, weight: int, scales: int) -> dict:
+    """Bytes of a quantized node's packed weights and of its scales (initializers at those input positions)."""
+    return {"weight_bytes": _bytes(inits[inputs[weight]]), "scale_bytes": _bytes(inits[inputs[scales]])}
+
+
+def _source(name: str, inits: dict, producers: dict):
+    """(initializer, gathered): the initializer `name` is, or whose rows a Gather producing `name` takes."""
+    if name in inits:
+        return inits[name], False
+    node = producers.get(name)
+    if node is not None and node.op_type == "Gather" and node.input[0] in inits:
+        return inits[node.input[0]], True
+    return None, False
+
+
+def _quantized_dequantize(node, inits, producers, consumers) -> dict | None:
+    """A --portable DequantizeLinear of a post-training quantized (INT4 / INT8) weight: what it reads (the whole
+    tensor or the rows a Gather takes) and which ops read its output; None for any other DequantizeLinear."""
+    weight, gathered = _source(node.input[0], inits, producers)
+    scale, _ = _source(node.input[1], inits, producers)
+    if weight is None or weight.data_type not in PTQ_INTS or scale is None:
+        return None
+    a = _attrs(node)
+    return {"node": node.name, "bits": PTQ_INTS[weight.data_type], "block_size": a.get("block_size", 0),
+            "axis": a.get("axis", 1), "weights": _numel(weight), "weight_bytes": _bytes(weight),
+            "scale_bytes": _bytes(scale), "reads": "gathered rows" if gathered else "whole tensor",
+            "feeds": sorted({c.op_type for c in consumers.get(node.output[0], [])})}
 
 
 def read_back(paths: list[Path]) -> dict:
@@ -124,12 +192,63 @@ def read_back(paths: list[Path]) -> dict:
     routed = [e for f in files.values() for kind in ("qmoe", "moe", "int2_dequantize") for e in f[kind]]
     return {
         "files": files,
+        "quantized": quantized_summary(files),
         "routed_experts": {
             "bytes": sum(t["bytes"] for e in routed for t in e["initializers"]),
             "tensors": sum(len(e["initializers"]) for e in routed),
             "block_sizes": sorted({e["block_size"] for e in routed if e.get("block_size")}),
         },
     }
+
+
+def ort_session_facts(path: Path) -> dict:
+    """What ONNX Runtime's CPU provider makes of `path` when it loads it as the runner does (default graph
+    optimizations), read from the optimized model it saves: its com.microsoft.MatMulNBits nodes (`--portable` files
+    have none of their own: any there were fused from DequantizeLinear + MatMul) and how many take int8 activations."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="mote-ort-optimized-") as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / path.name)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.data")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        nodes = [n for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node
+                 if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"]
+    return {"onnxruntime": ort.__version__, "matmul_nbits": len(nodes),
+            "matmul_nbits_int8_activations": sum(_attrs(n).get("accuracy_level", 0) >= INT8_ACTIVATIONS_LEVEL
+                                                 for n in nodes)}
+
+
+def quantized_summary(files: dict) -> list[dict]:
+    """The post-training quantized weights of every file, per (file, op, bits, block size): nodes, weights, bytes of
+    the packed weights and of the scales (2-bit MatMulNBits are ternary linears, not post-training quantized)."""
+    kinds = [("matmul_nbits", "com.microsoft.MatMulNBits"),
+             ("gather_block_quantized", "com.microsoft.GatherBlockQuantized"),
+             ("quantized_dequantize", "DequantizeLinear")]
+    groups: dict[tuple, dict] = {}
+    for name, f in files.items():
+        for kind, op in kinds:
+            for e in f[kind]:
+                if kind == "matmul_nbits" and e["bits"] == 2:
+                    continue
+                g = groups.setdefault((name, op, e["bits"], e["block_size"]), {
+                    "file": name, "op": op, "bits": e["bits"], "block_size": e["block_size"], "nodes": 0, "weights": 0,
+                    "weight_bytes": 0, "scale_bytes": 0, "accuracy_levels": set(), "reads": set(), "feeds": set()})
+                g["nodes"] += 1
+                for key in ("weights", "weight_bytes", "scale_bytes"):
+                    g[key] += e[key]
+                g["accuracy_levels"].update([e["accuracy_level"]] if "accuracy_level" in e else [])
+                g["reads"].update([e["reads"]] if "reads" in e else [])
+                g["feeds"].update(e.get("feeds", []))
+    out = []
+    for g in groups.values():
+        g.update({k: sorted(g[k]) for k in ("accuracy_levels", "reads", "feeds")},
+                 bits_per_weight=round((g["weight_bytes"] + g["scale_bytes"]) * 8 / max(g["weights"], 1), 4))
+        out.append(g)
+    return out
 
 
 def ort_facts(onnx_paths: list[Path], limit: int, files: dict) -> dict:
@@ -203,10 +322,11 @@ def render(facts: dict, routed_weights: int) -> tuple[list[str], list[str]]:
                          f"DequantizeLinear nodes (block_size {_values(dq, 'block_size')}) reading {_reads(dq)}; "
                          + dense)
             if not f["activation_quantizers"]:
+                # what ONNX Runtime fuses when it loads the file, where it was read (ort_session), is its own deviation
                 deviations.append(f"onnx --portable: {name}: the experts' MatMuls take float activations (no "
                                   "activation-quantizing op in the file; the reference quantizes them per token to "
-                                  "int8); ONNX Runtime may fuse DequantizeLinear+MatMul into MatMulNBits with int8 "
-                                  "activations")
+                                  "int8)" + ("" if "ort_session" in f else "; ONNX Runtime may fuse "
+                                             "DequantizeLinear+MatMul into MatMulNBits with int8 activations"))
         if f["matmul_nbits"]:
             mm = f["matmul_nbits"]
             notes.append(f"{name}: {len(mm)} com.microsoft.MatMulNBits nodes (bits {_values(mm, 'bits')}, "
@@ -222,10 +342,44 @@ def render(facts: dict, routed_weights: int) -> tuple[list[str], list[str]]:
             notes.append(f"KV cache of {name}: {len(kv['inputs'])} inputs ({_span(kv['inputs'])}), "
                          f"{len(kv['outputs'])} outputs ({_span(kv['outputs'])}), shapes "
                          f"{sorted({str(i['shape']) for i in kv['inputs'] + kv['outputs']})}")
+    q_deviations, q_notes = _render_quantized(facts)
+    deviations += q_deviations
+    notes += q_notes
     for name, o in facts.get("ort", {}).get("files", {}).items():
         if not o["written"]:
             notes.append(f"{name} not written: {o['reason']}")
     quantizers = {name: f["activation_quantizers"] for name, f in facts["files"].items() if f["activation_quantizers"]}
     notes.append(f"activation-quantizing ops ({', '.join(sorted(ACTIVATION_QUANTIZERS))}) in the files: "
                  f"{quantizers or 'none'}")
+    return deviations, notes
+
+
+def _render_quantized(facts: dict) -> tuple[list[str], list[str]]:
+    """(deviations, notes) about the post-training quantized weights (facts["quantized"], facts["files"])."""
+    deviations, notes = [], []
+    for g in facts["quantized"]:
+        blocks = f"block_size {g['block_size']}" if g["block_size"] else "one scale per output channel"
+        text = (f"post-training quantized weights in {g['file']}: {g['nodes']} {g['op']} (bits {g['bits']}, "
+                f"{blocks}) holding {g['weights']} weights in {g['weight_bytes']} bytes + "
+                f"{g['scale_bytes']} bytes of fp32 scales ({g['bits_per_weight']:.3f} bits/weight)")
+        if g["accuracy_levels"]:
+            text += f", accuracy_level {g['accuracy_levels']}"
+            if g["accuracy_levels"] == [0]:
+                text += " (ONNX Runtime keeps their activations float: weight-only, as the reference)"
+        if g["reads"]:
+            text += (f", dequantizing the {' and the '.join(g['reads'])}, read by "
+                     f"{', '.join(g['feeds']) or 'nothing (the graph output)'}")
+        notes.append(text)
+    for name, f in facts["files"].items():
+        int8_inputs = [e for e in f["matmul_nbits"] if e["accuracy_level"] >= INT8_ACTIVATIONS_LEVEL]
+        if int8_inputs:
+            deviations.append(f"onnx: {name}: {len(int8_inputs)} com.microsoft.MatMulNBits nodes have accuracy_level "
+                              f"{_values(int8_inputs, 'accuracy_level')}: ONNX Runtime may quantize their activations "
+                              "to int8 (the reference dequantizes the weights only)")
+        fused = f.get("ort_session", {}).get("matmul_nbits_int8_activations", 0)
+        if fused:
+            deviations.append(f"onnx --portable: {name}: onnxruntime {f['ort_session']['onnxruntime']}, loading it, "
+                              f"fused DequantizeLinear + MatMul into {fused} com.microsoft.MatMulNBits nodes with "
+                              f"accuracy_level >= {INT8_ACTIVATIONS_LEVEL} (int8 activations; the reference "
+                              "dequantizes the weights only)")
     return deviations, notes

@@ -3,6 +3,12 @@
     mote_onnx.moe_block   -> shared expert as MatMuls (+ sigmoid gate), router MatMul + Softmax,
                              com.microsoft.QMoE (2-bit, block-wise, interleaved SwiGLU) for the routed experts
     mote_onnx.matmul_2bit -> com.microsoft.MatMulNBits (bits=2)
+    mote_onnx.matmul_nbits -> com.microsoft.MatMulNBits (bits 4 or 8, bias as its input 5, accuracy_level 0: ORT
+                              computes with float activations, the reference's weight-only dequantization)
+    mote_onnx.gather_block_quantized -> com.microsoft.GatherBlockQuantized (uint8 data, bits 4 or 8)
+
+A moe_block without shared-expert weights (quantized: computed outside by MatMulNBits) is the router and the
+routed experts alone.
 
 Routing: QMoE selects the top-k from `router_probs` (logits here) and, by default, mixes with a softmax over only
 the k selected values (so top-1 always gets weight 1.0). We pass the full softmax as `router_weights` (input 14),
@@ -56,10 +62,8 @@ def _pad_last(x2d, pad: int):
 
 def moe_block(x, shared_gate, shared_up, shared_down, shared_expert_gate, router, fc1_w, fc1_s, fc2_w, fc2_s,
               top_k: int, norm_topk_prob: bool, block: int, d: int, inter: int, d_pad: int, i_pad: int):
-    g = _linear(x, shared_gate)
-    shared = _linear(op.Mul(op.Mul(g, op.Sigmoid(g)), _linear(x, shared_up)), shared_down)
-    if shared_expert_gate is not None:
-        shared = op.Mul(op.Sigmoid(_linear(x, shared_expert_gate)), shared)
+    shared = None if shared_gate is None else _shared_expert(x, shared_gate, shared_up, shared_down,
+                                                             shared_expert_gate)
     flat = op.Reshape(x, op.Constant(value_ints=[-1, d]))
     logits = _linear(flat, router)
     probs = op.Softmax(logits, axis=-1)
@@ -69,7 +73,16 @@ def moe_block(x, shared_gate, shared_up, shared_down, shared_expert_gate, router
         activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(norm_topk_prob))
     if d_pad != d:
         routed = op.Slice(routed, op.Constant(value_ints=[0]), op.Constant(value_ints=[d]), op.Constant(value_ints=[1]))
-    return op.Add(shared, op.Reshape(routed, op.Shape(x)))
+    routed = op.Reshape(routed, op.Shape(x))
+    return routed if shared is None else op.Add(shared, routed)
+
+
+def _shared_expert(x, gate, up, down, shared_expert_gate):
+    g = _linear(x, gate)
+    shared = _linear(op.Mul(op.Mul(g, op.Sigmoid(g)), _linear(x, up)), down)
+    if shared_expert_gate is not None:
+        shared = op.Mul(op.Sigmoid(_linear(x, shared_expert_gate)), shared)
+    return shared
 
 
 def matmul_2bit(x, b, scales, k: int, k_pad: int, block: int):
@@ -81,7 +94,19 @@ def matmul_2bit(x, b, scales, k: int, k_pad: int, block: int):
     return ort_contrib_op("MatMulNBits")(x, b, scales, K=k_pad, N=b.shape[0], bits=2, block_size=block, accuracy_level=0)
 
 
+def matmul_nbits(x, b, scales, bias, k: int, bits: int, block: int):
+    return ort_contrib_op("MatMulNBits")(x, b, scales, None, None, bias, K=k, N=b.shape[0], bits=bits,
+                                         block_size=block, accuracy_level=0)
+
+
+def gather_block_quantized(tokens, data, scales, bits: int, block: int):
+    return ort_contrib_op("GatherBlockQuantized")(data, tokens, scales, bits=bits, block_size=block, gather_axis=0,
+                                                  quantize_axis=1)
+
+
 TRANSLATIONS = {
     torch.ops.mote_onnx.moe_block.default: moe_block,
     torch.ops.mote_onnx.matmul_2bit.default: matmul_2bit,
+    torch.ops.mote_onnx.matmul_nbits.default: matmul_nbits,
+    torch.ops.mote_onnx.gather_block_quantized.default: gather_block_quantized,
 }

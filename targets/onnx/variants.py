@@ -4,7 +4,12 @@
   become an INT2 initializer (trits in two's complement, 2 bits each) with block-wise fp32 scales, decoded by
   `DequantizeLinear(axis=0, block_size)` and multiplied by `MatMul`. Standard ONNX has no op that reads only the
   selected experts' weights, so every expert is computed and the router's dense top-k weights combine them
-  (this is said in the report).
+  (this is said in the report). The other low-bit nodes become standard ops too:
+      MatMulNBits(x, B, scales, bias?)  -> MatMul(x, DequantizeLinear(W^T INTb [K, N], scales)) (+ bias)
+                                           per axis 1 for one block per row, else blocked along K (axis 0)
+      GatherBlockQuantized(data, ids, scales), 8 bits -> DequantizeLinear(Gather(W INT8, ids), Gather(scales, ids))
+      GatherBlockQuantized, 4 bits      -> Gather(DequantizeLinear(W INT4), ids): ONNX Runtime's Gather takes no
+                                           INT4 (measured with 1.32), so the whole table is dequantized
 - `to_fp32_experts`: the same model with float32 experts in `com.microsoft.MoE` — the fp32 baseline of the
   benchmark (same runtime, same routing kernel family), never a deployment artifact.
 
@@ -22,7 +27,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mote.passes.ops import unpack_codes
 
+from .repack import unpack_nbits
+
 PORTABLE_OPSET = 25
+INT_DTYPES = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 
 
 def _codes(packed: np.ndarray, k: int) -> np.ndarray:
@@ -39,10 +47,11 @@ def _qmoe_parts(model: onnx.ModelProto, node: onnx.NodeProto):
     return attrs, _codes(arr(2), d_pad), fc1_s, _codes(arr(5), i_pad), fc2_s
 
 
-def _replace(model: onnx.ModelProto, node: onnx.NodeProto, new_nodes, new_inits) -> None:
+def _replace(model: onnx.ModelProto, node: onnx.NodeProto, new_nodes, new_inits, replaced=None) -> None:
+    """`node` -> `new_nodes`; the initializers among `replaced` (default: QMoE's weights) that nothing else reads go."""
     g = model.graph
     idx = list(g.node).index(node)
-    used = set(node.input[2:7])
+    used = set(node.input[2:7] if replaced is None else replaced)
     g.node.remove(node)
     for j, n in enumerate(new_nodes):
         g.node.insert(idx + j, n)
@@ -71,6 +80,69 @@ def to_fp32_experts(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _int2(trits: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(trits.astype(np.int8).astype(ml_dtypes.int2), name)
+
+
+def _attrs_and_inputs(model: onnx.ModelProto, node: onnx.NodeProto):
+    inits = {t.name: t for t in model.graph.initializer}
+    arrays = [numpy_helper.to_array(inits[i]) if i in inits else None for i in node.input]
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}, arrays
+
+
+def _integers(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes packed along the last dim (zero point 2^(bits-1)) -> the symmetric integers (int8)."""
+    return unpack_nbits(torch.from_numpy(np.array(packed, copy=True)), bits).numpy().astype(np.int8)
+
+
+def _int_initializer(q: np.ndarray, bits: int, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(q).astype(INT_DTYPES[bits]), name)
+
+
+def _check_no_zero_points(node: onnx.NodeProto, arrays) -> None:
+    if len(arrays) > 3 and arrays[3] is not None:
+        raise RuntimeError(f"onnx --portable: {node.op_type} {node.name} has zero points (only symmetric weights are "
+                           "lowered)")
+
+
+def _matmul_nbits_portable(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """MatMulNBits -> DequantizeLinear(W^T INTb, scales) + MatMul (+ Add of its bias)."""
+    a, arrays = _attrs_and_inputs(model, node)
+    _check_no_zero_points(node, arrays)
+    k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    p = node.name or node.output[0]
+    w = _int_initializer(_integers(arrays[1].reshape(n, -1), bits)[:, :k].T, bits, p + "_wq")
+    scales = arrays[2].reshape(n, -1)
+    if scales.shape[1] == 1:   # one block per row: per output channel
+        s, dq_attrs = numpy_helper.from_array(scales[:, 0].copy(), p + "_ws"), {"axis": 1}
+    else:
+        s, dq_attrs = numpy_helper.from_array(scales.T.copy(), p + "_ws"), {"axis": 0, "block_size": block}
+    bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+    nodes = [helper.make_node("DequantizeLinear", [w.name, s.name], [p + "_w"], **dq_attrs),
+             helper.make_node("MatMul", [node.input[0], p + "_w"], [p + "_mm"] if bias else list(node.output))]
+    if bias:
+        nodes.append(helper.make_node("Add", [p + "_mm", bias], list(node.output)))
+    _replace(model, node, nodes, [w, s], replaced=node.input[1:3])
+
+
+def _gather_block_quantized_portable(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """GatherBlockQuantized (gather axis 0, quantized along axis 1) -> Gather + DequantizeLinear (see the docstring)."""
+    a, arrays = _attrs_and_inputs(model, node)
+    _check_no_zero_points(node, arrays)
+    if a.get("gather_axis", 0) != 0 or a.get("quantize_axis", 1) != 1 or arrays[0].dtype != np.uint8:
+        raise RuntimeError(f"onnx --portable: GatherBlockQuantized {node.name}: only uint8 data gathered on axis 0, "
+                           "quantized along axis 1, is lowered")
+    bits, block, ids = a.get("bits", 4), a["block_size"], node.input[1]
+    p = node.name or node.output[0]
+    w = _int_initializer(_integers(arrays[0], bits), bits, p + "_wq")
+    s = numpy_helper.from_array(arrays[2], p + "_ws")
+    dq = dict(axis=-1, block_size=block)
+    if bits == 8:
+        nodes = [helper.make_node("Gather", [w.name, ids], [p + "_rows"], axis=0),
+                 helper.make_node("Gather", [s.name, ids], [p + "_row_scales"], axis=0),
+                 helper.make_node("DequantizeLinear", [p + "_rows", p + "_row_scales"], list(node.output), **dq)]
+    else:
+        nodes = [helper.make_node("DequantizeLinear", [w.name, s.name], [p + "_table"], **dq),
+                 helper.make_node("Gather", [p + "_table", ids], list(node.output), axis=0)]
+    _replace(model, node, nodes, [w, s], replaced=[node.input[0], node.input[2]])
 
 
 def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -131,6 +203,10 @@ def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
                 acc = q + "_acc"
         nodes.append(helper.make_node("Identity", [acc], list(node.output)))
         _replace(model, node, nodes, inits)
+    for node in [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"]:
+        _matmul_nbits_portable(model, node)
+    for node in [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "GatherBlockQuantized"]:
+        _gather_block_quantized_portable(model, node)
     leftover = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
     if leftover:
         raise RuntimeError(f"onnx --portable: no standard-op lowering for com.microsoft {leftover}")
