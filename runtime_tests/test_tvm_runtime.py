@@ -1,7 +1,9 @@
 """`--target tvm`'s own checks, beside the registry suite (test_targets.py): what the files are (libraries per
 architecture, the params file, the manifest), that the manifest alone says how to call a program, that the KV cache
-is updated in place, that a decode step reads only the chosen experts, the aarch64 instructions, and the command
-line's refusals."""
+is updated in place, that a decode step reads only the chosen experts, the aarch64 instructions, the command
+line's refusals, and `--quantize int4` / `int8`: verified at the fp32 bar, the params holding the model's quantized
+values in 4 / 8 bits per weight and no float copy of them."""
+import collections
 import json
 import math
 import re
@@ -15,6 +17,8 @@ from safetensors import safe_open
 
 from mote.export.generate import EagerRunner
 from mote.export.loader import load_model
+from mote.export.model import QuantizedLinear
+from mote.export.quantization import parse
 from mote.export.verify import sqnr_db
 from mote.tools import cli
 
@@ -179,3 +183,95 @@ def test_tvm_ndk_cc_that_is_no_compiler_is_refused(tmp_path, capsys, example, mo
     monkeypatch.setenv("TVM_NDK_CC", str(tmp_path / "no-such-clang"))
     err = _refused(["--target", "tvm", str(example.model_dir), "-o", str(tmp_path / "out")], capsys, tmp_path)
     assert "TVM_NDK_CC" in err and "no-such-clang" in err
+
+
+# -- --quantize --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantized(request, example):
+    """(spec, out_dir, report) of the example exported with --quantize int4 / int8 (verified by the export)."""
+    out, report = example.exported("tvm", example.model_dir, "--quantize", request.param)
+    return request.param, out, report
+
+
+def test_quantized_export_verifies_at_the_fp32_bar(quantized):
+    """Weight-only dequantization in our kernels keeps the reference's semantics: every program at >= 60 dB against
+    the reference holding the same quantized weights, 32/32 greedy tokens, no deviation declared."""
+    _, _, report = quantized
+    assert report["verify"] == "passed" and report["deviations"] == []
+    assert report["tolerance"]["min_sqnr_db"] == 60
+    for name in PROGRAMS:
+        assert report["numerics"][name]["sqnr_db"] >= 60, name
+    assert report["numerics"]["text_decoder"]["greedy_match"] == "32/32"
+
+
+def unpack_nibbles(packed: np.ndarray, k: int) -> np.ndarray:
+    """int4 weights stored two per byte: per span of 32 weights (16 bytes), byte j holds weight j in its low nibble
+    and weight 16 + j in its high one, two's complement (the layout targets/tvm/kernels.pack_int4 documents)."""
+    nibbles = [(packed & 0xF).astype(np.int16), (packed >> 4).astype(np.int16)]
+    low, high = ((n - 16 * (n > 7)).reshape(*packed.shape[:-1], -1, 16) for n in nibbles)
+    return np.concatenate([low, high], axis=-1).reshape(*packed.shape[:-1], -1)[..., :k]
+
+
+def stored_tensors(out) -> dict:
+    """{params file: {tensor name: numpy array}} (a tied weight may be in two programs' files)."""
+    files = {}
+    for entry in json.loads((out / "manifest.json").read_text())["programs"].values():
+        with safe_open(str(out / entry["params_file"]), framework="numpy") as f:
+            files[entry["params_file"]] = {k: f.get_tensor(k) for k in f.keys()}
+    return files
+
+
+def data_bytes(files: dict) -> dict:
+    """{params file: bytes of its tensors' data}."""
+    return {file: sum(a.nbytes for a in tensors.values()) for file, tensors in files.items()}
+
+
+def test_params_hold_the_quantized_values_in_their_bits(quantized, example):
+    """Every module the spec quantizes (the reference model loaded with it) is stored as its own values, int8 one per
+    byte or int4 two per byte (decoded here), beside its float32 scales, in the params of the program that reads it;
+    no float copy of its weight is stored anywhere; each params file holds fewer bytes of data than the unquantized
+    export's by exactly the fp32 weights replaced minus those bytes; the report's byte counts are the files'."""
+    spec, out, report = quantized
+    model = load_model(example.model_dir, parse(spec))
+    modules = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert {m.bits for m in modules.values()} == ({4, 8} if spec == "int4" else {8})
+    files = stored_tensors(out)
+    saved = collections.Counter()       # params file -> fp32 bytes of the weights replaced - the quantized bytes
+    value_bytes = collections.Counter()
+    for name, module in modules.items():
+        rows, k = module.qweight.shape
+        assert not any(f"{name}.weight" in tensors for tensors in files.values()), name
+        (file,) = [file for file, tensors in files.items() if f"{name}.qscale" in tensors]
+        tensors = files[file]
+        assert np.array_equal(tensors[f"{name}.qscale"], module.qscale.numpy()), name
+        if module.bits == 8:
+            values = tensors[f"{name}.qweight"]
+            assert values.dtype == np.int8 and np.array_equal(values, module.qweight.numpy()), name
+        else:
+            values = tensors[f"{name}.qweight.kernel_layout"]
+            assert values.dtype == np.uint8 and values.shape == (rows, -(-k // 32) * 16), name
+            assert np.array_equal(unpack_nibbles(values, k), module.qweight.numpy()), name
+        value_bytes[f"int{module.bits}"] += values.nbytes
+        saved[file] += rows * k * 4 - values.nbytes - tensors[f"{name}.qscale"].nbytes
+    assert value_bytes == {kind: q["value_bytes"] for kind, q in report["facts"]["quantized"].items()}
+    fp32_out, _ = example.export("tvm")
+    fp32_bytes, quantized_bytes = data_bytes(stored_tensors(fp32_out)), data_bytes(files)
+    for file, fewer in saved.items():
+        assert fp32_bytes[file] - quantized_bytes[file] == fewer, file
+
+
+def test_quantized_kernels_in_both_builds(quantized):
+    """The decoder's host and aarch64 libraries both hold our quantized-linear kernels of the spec's bit widths (the
+    lm_head's int8 one in either preset), the aarch64 ones dequantizing with NEON conversions."""
+    spec, out, report = quantized
+    kinds = {"int4": ("int4", "int8"), "int8": ("int8",)}[spec]
+    for kind in kinds:
+        assert any(k.startswith(f"mote_quantized_linear_{kind}") for k in report["facts"]["quantized"][kind]["kernels"])
+    asm = _objdump(out / "text_decoder.aarch64.so")
+    for kind in kinds:
+        assert re.search(rf"<__tvm_ffi_mote_quantized_linear_{kind}_\w+>:", asm), kind
+    assert re.search(r"\bscvtf\s+v\d+\.4s", asm)
+    host = (out / "text_decoder.x86_64.so").read_bytes()
+    for kind in kinds:
+        assert f"mote_quantized_linear_{kind}".encode() in host, kind

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from mote.export.loader import load_model, save_model
 from mote.export.programs import KVCacheStyle, export_programs
+from mote.export.quantization import parse
 from mote.export.verify import sqnr_db
 from mote.passes.pipeline import run_pipeline
 from mote.tools.make_random_model import random_config, random_model
@@ -126,3 +128,80 @@ def test_lifted_weights_are_arguments_and_the_library_computes_the_program(decod
     assert sqnr_db(want[0], torch.from_numpy(got[0].numpy())) >= 60
     for i, cache in enumerate(caches):   # updated in place: the tensors passed in hold the new rows
         np.testing.assert_allclose(cache.numpy(), want[1 + i].detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- --quantize --------------------------------------------------------------------------------------------------------
+
+def run_decoder_library(mod, weights, path, inputs):
+    """Build `mod` for the host, call it with the decoder's inputs (zero caches) and its lifted weights: logits."""
+    import tvm
+    from tvm import relax
+
+    build.build_library(mod, build.HOST, path)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    embeds, pos, k, v = inputs
+    args = [tvm.runtime.tensor(t.numpy()) for t in (embeds, pos, *k, *v)]
+    return torch.from_numpy(vm["main"](*args, *[value for _, value in weights])[0].numpy())
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The 2-layer MoTE of traced_decoder (odd widths 80 / 112, top-2, shared-expert gate) loaded with --quantize
+    int4,group=channel (attention and shared experts int4 per output channel, lm_head int8), its decoder after the
+    pass pipeline: (program in the kernels' layouts, how many tensors that changed, the int4 / int8 weights [(rows,
+    K, bits)] of its mote.quantized_linear ops, the program's logits before the relayout)."""
+    cfg = random_config(vision=False, top_k=2, norm_topk_prob=True, per_channel=True, shared_expert_gate=True,
+                        hidden=80, expert_intermediate=72, intermediate=112)
+    model_dir = tmp_path_factory.mktemp("quantized") / "model"
+    save_model(random_model(cfg, 3), model_dir)
+    model = load_model(model_dir, parse("int4,group=channel"))
+    programs, _ = run_pipeline(export_programs(model, 16, KVCacheStyle.IO), model.config.moe.moe_layers,
+                               verify=False)
+    ep = programs["text_decoder"]
+    matrices = [(*constant_value(ep, n.args[1]).shape, n.args[4]) for n in ep.graph.nodes
+                if n.target is torch.ops.mote.quantized_linear.default]
+    inputs = ep.example_inputs[0]
+    embeds, pos, k, v = inputs
+    zeros = ([torch.zeros_like(c) for c in k], [torch.zeros_like(c) for c in v])
+    want = ep.module()(embeds, pos, *zeros)[0]
+    changed = convert.to_kernel_layouts(ep)
+    return ep, changed, matrices, want, (embeds, pos, *zeros)
+
+
+def test_quantized_program_imports_into_our_kernels_with_low_bit_weights(quantized):
+    """Before: mote.quantized_linear (int4 and int8) and mote.moe_ffn without shared weights (the shared expert is
+    quantized outside it). After import: one call of our quantized-linear kernel per op, the routed-experts kernel
+    per block, and our float linear only for what stays fp32 (the router and the shared-expert gate of each block);
+    the int4 weights packed two per byte (uint8 [rows, ceil(K/32) * 16]), the int8 ones as they are, one fp32 scale
+    per output row; the manifest names each of them with its bits and shape."""
+    ep, changed, matrices, _, _ = quantized
+    bits = collections.Counter(b for _, _, b in matrices)
+    assert bits[4] == 2 * (4 + 3) and bits[8] == 1     # per layer q, k, v, o + the shared expert; lm_head
+    assert changed == bits[4] + 6                      # the int4 weights and the 6 routed code tensors
+    for node, args in moe_nodes(ep):
+        assert args.shared == (None, None, None)
+    mod, names = build.import_program(ep, build.HOST.target())
+    ops = collections.Counter(call.op.name for call in build.calls(mod["main"]))
+    kernels = collections.Counter(re.sub(r"_\d+(x\d+)+(_bias|_top\d+)?(_p[ct])?$", "", name)
+                                  for name, _ in build.kernel_calls(mod["main"]))
+    assert kernels["mote_quantized_linear_int4_pc"] == bits[4] and kernels["mote_quantized_linear_int8_pc"] == 1
+    assert kernels["mote_routed_experts"] == 2 and kernels["mote_linear"] == 2 * 2
+    assert ops["relax.matmul"] == 0
+    mod, weights = build.lift_weights(mod, names)
+    entry = build.signature(mod, "text_decoder", [w for w, _ in weights], "text_decoder.safetensors")
+    stored = dict(weights)
+    assert sorted((w["rows"], w["k"], w["bits"]) for w in entry["quantized_weights"]) == sorted(matrices)
+    for w in entry["quantized_weights"]:
+        q, scale = stored[w["q"]], stored[w["scale"]]
+        width = -(-w["k"] // 32) * 16 if w["bits"] == 4 else w["k"]
+        assert (str(q.dtype), tuple(q.shape)) == ({4: "uint8", 8: "int8"}[w["bits"]], (w["rows"], width))
+        assert (str(scale.dtype), tuple(scale.shape)) == ("float32", (w["rows"], 1)) and w["group"] == w["k"]
+
+
+def test_quantized_library_computes_the_program(quantized, tmp_path):
+    """The host library of the quantized decoder gives the logits the program computed before its int4 weights were
+    packed (weight-only dequantization in our kernels, the shared expert outside the routed-experts kernel)."""
+    ep, _, _, want, inputs = quantized
+    mod, names = build.import_program(ep, build.HOST.target())
+    mod, weights = build.lift_weights(mod, names)
+    assert sqnr_db(want, run_decoder_library(mod, weights, tmp_path / "decoder.so", inputs)) >= 60

@@ -6,9 +6,12 @@ PyTorch, and built for the phones' aarch64 targets and inspected (nothing here c
 - routed_experts equals the composition of export.semantics that mote.moe_ffn computes (minus the shared expert),
   top-1 and top-2, and never reads an expert no token chose; routed_experts_float equals the float SwiGLU experts;
   linear equals F.linear; batch_matmul equals torch.matmul;
+- quantized_linear equals F.linear with the weight `semantics.dequantize_weight` gives (int8 and int4, groups of 32
+  and 64 and per output channel, odd K, biases), quantized_embedding the dequantized rows bit for bit; int4 weights
+  are stored two per byte (`pack_int4`, checked against a decoder written here);
 - the same loops with the other instruction choices: x86 without AVX2 (the portable loop, as on aarch64 without
   dotprod) and, where this CPU has AVX-VNNI, its four-bytes-per-lane dot product (the loop shape of sdot);
-- aarch64: +dotprod builds use sdot, +neon builds compile without it.
+- aarch64: +dotprod builds use sdot, +neon builds compile without it; the quantized kernels dequantize with NEON.
 
 Compiled kernels are cached per (target, builder, sizes) so that the file compiles each one once.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +255,77 @@ def test_linear_matches_torch(n_out, k, bias):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# -- quantized weights (--quantize) ----------------------------------------------------------------------------------
+
+def unpack_nibbles(packed: np.ndarray, k: int) -> np.ndarray:
+    """The layout `pack_int4` documents, decoded independently: per span of 32 weights (16 bytes), byte j holds
+    weight j in its low nibble and weight 16 + j in its high nibble, two's complement."""
+    low, high = (packed & 0xF).astype(np.int8), (packed >> 4).astype(np.int8)
+    low, high = np.where(low > 7, low - 16, low), np.where(high > 7, high - 16, high)
+    spans = np.concatenate([low.reshape(*packed.shape[:-1], -1, 16), high.reshape(*packed.shape[:-1], -1, 16)], -1)
+    return spans.reshape(*packed.shape[:-1], -1)[..., :k].astype(np.int8)
+
+
+def quantized(rows: int, k: int, bits: int, group: int, seed: int):
+    """A random weight quantized by `semantics.quantize_weight`: (q int8, scales, q in the kernel layout)."""
+    w = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 0.2
+    q, s = semantics.quantize_weight(w, bits, group)
+    return q, s, kernels.pack_int4(q.numpy()) if bits == 4 else q.numpy()
+
+
+@pytest.mark.parametrize("k", [32, 83, 1030])
+def test_int4_weights_are_stored_two_per_byte(k):
+    """pack_int4: half a byte per weight (the last span of 32 padded with zeros), every value in [-8, 7] recovered;
+    values that do not fit 4 bits are refused."""
+    q = torch.randint(-8, 8, (3, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8).numpy()
+    packed = kernels.pack_int4(q)
+    assert packed.dtype == np.uint8 and packed.shape == kernels.quantized_weight_shape(3, k, 4)
+    assert packed.shape == (3, -(-k // 32) * 16)
+    assert np.array_equal(unpack_nibbles(packed, k), q)
+    assert not unpack_nibbles(packed, packed.shape[-1] * 2)[:, k:].any()
+    with pytest.raises(ValueError):
+        kernels.pack_int4(q * 2)
+
+
+@pytest.mark.parametrize("target_key, n_out, k, bits, group, bias", [
+    on("host", 37, 96, 4, 32, True),        # groups of 32, a partial block of rows
+    on("host", 33, 128, 4, 64, False),
+    on("host", 37, 83, 4, 83, False),       # per output channel, K = 2 spans + 19 (vectors, then scalars)
+    on("host", 5, 1030, 4, 1030, True),
+    on("host", 40, 83, 8, 83, True),
+    on("host", 24, 96, 8, 32, False),
+    on("x86_portable", 37, 83, 4, 83, True),
+    on("x86_portable", 24, 96, 8, 32, True),
+])
+def test_quantized_linear_matches_dequantized_linear(target_key, n_out, k, bits, group, bias):
+    """quantized_linear == F.linear(x, semantics.dequantize_weight(q, s), b) (what mote.quantized_linear computes)
+    up to float rounding (the order of the fp32 sums), at decode and for 2, 5, 7 tokens (token runs and each
+    remainder)."""
+    lib = compiled(target_key, "quantized_linear", n_out, k, bits, group, bias)
+    q, s, stored = quantized(n_out, k, bits, group, seed=n_out + k)
+    b = torch.randn(n_out, generator=torch.Generator().manual_seed(2))
+    weight = semantics.dequantize_weight(q, s, group)
+    for tokens in (1, 2, 5, 7):
+        x = activations(tokens, k, seed=tokens)
+        expected = torch.nn.functional.linear(x, weight, b if bias else None).numpy()
+        got = run(lib, (tokens, n_out), x.numpy(), stored, s.numpy(), *([b.numpy()] if bias else []))
+        assert_close(got, expected)
+
+
+@needs_x86
+@pytest.mark.parametrize("vocab, d, bits, group", [(50, 96, 4, 32), (50, 83, 4, 83), (50, 83, 8, 83),
+                                                   (50, 128, 8, 64)])
+def test_quantized_embedding_gathers_dequantized_rows(vocab, d, bits, group):
+    """quantized_embedding == the rows of semantics.dequantize_weight(q, s) bit for bit (one fp32 product per
+    value), for 1 and 6 tokens (repeated ids, the first and the last row)."""
+    lib = compiled("host", "quantized_embedding", vocab, d, bits, group)
+    q, s, stored = quantized(vocab, d, bits, group, seed=d)
+    table = semantics.dequantize_weight(q, s, group).numpy()
+    for ids in ([7], [0, 49, 3, 3, 17, 0]):
+        ids = np.array(ids, dtype=np.int64)
+        assert np.array_equal(run(lib, (len(ids), d), ids, stored, s.numpy()), table[ids])
+
+
 # -- batch_matmul ------------------------------------------------------------------------------------------------------
 
 @needs_x86
@@ -285,3 +360,19 @@ def test_aarch64_builds(target_key, builder, sizes, ternary):
         assert ("sdot" in asm) == (target_key == "aarch64_dotprod")
     else:
         assert "fmla" in asm
+
+
+@pytest.mark.parametrize("target_key", ["aarch64_dotprod", "aarch64_neon"])
+@pytest.mark.parametrize("builder, sizes", [
+    ("quantized_linear", (37, 96, 4, 32, True)),
+    ("quantized_linear", (40, 83, 8, 83, True)),
+    ("quantized_embedding", (50, 96, 4, 32)),
+])
+def test_aarch64_quantized_builds(target_key, builder, sizes):
+    """The quantized kernels compile for the phones, dequantizing with NEON: integer-to-float vector conversions
+    (scvtf), int4 nibbles sign-extended by vector shifts (sshr), the linears accumulating with vector FMAs."""
+    asm = compiled(target_key, builder, *sizes).mod.inspect_source("asm")
+    bits = sizes[2]
+    assert re.search(r"\bscvtf\s+v\d+\.4s", asm)
+    assert bits != 4 or re.search(r"\bsshr\s+v\d+\.4s", asm)
+    assert builder != "quantized_linear" or re.search(r"\bfmla\s+v\d+\.4s", asm)

@@ -14,6 +14,8 @@ Artifacts, per program (`vision_encoder`, `token_embedding`, `text_decoder`):
 The decoder takes a dynamic T in [1, max_seq_len] (one symbolic variable): one program prefills and decodes. The
 `mote::` ops become calls of our TensorIR kernels (`kernels.py`, see `convert.py`): the routed experts' 2-bit codes
 stay 2-bit in the params and the kernel reads only the chosen experts' codes; every linear runs our GEMV / GEMM.
+With `--quantize`, the quantized linears and the embedding stay int8, or int4 packed two per byte, in the params,
+and our kernels dequantize them in their inner loop (weight-only, fp32 activations: the reference's semantics).
 """
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ class TvmTarget(Target):
     tolerance = Tolerance(min_sqnr_db=60.0)   # fp32 programs, integer-exact ternary kernels (DESIGN.md section 6)
     Options = TvmOptions
     fp32_experts_supported = True
+    quantized_bits = (4, 8)    # kernels.quantized_linear / quantized_embedding
 
     def preflight(self, options: TvmOptions, verify: bool = True) -> None:
         arches_for(options)

@@ -162,9 +162,10 @@ def _shape(shape) -> list:
 
 
 def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
-    """The manifest entry of a lifted program: inputs, weights in argument order, outputs, the kernels called, and
-    which weights hold the routed experts (the arguments of the routed-experts kernel). `weights`: the lifted
-    weights' names, in argument order."""
+    """The manifest entry of a lifted program: inputs, weights in argument order, outputs, the kernels called,
+    which weights hold the routed experts (the arguments of the routed-experts kernel) and which hold quantized
+    weights (`quantized_weights`, one entry per matrix the quantized kernels read, see `quantized_operands`).
+    `weights`: the lifted weights' names, in argument order."""
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
     params = list(main.params)
@@ -181,6 +182,7 @@ def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
         "outputs": [{"shape": _shape(t.shape), "dtype": str(t.dtype)} for t in main.ret_ty.fields],
         "kernels": {},
         "routed_expert_weights": [],
+        "quantized_weights": [],
     }
     upper = main.attrs.get("tir_var_upper_bound") if main.attrs else None
     if upper:
@@ -192,6 +194,12 @@ def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
             if None in routed:   # every code / scale operand must be a stored weight, or the storage figure is short
                 raise RuntimeError(f"tvm: {name}: an operand of {kernel} is not one of the program's weights")
             entry["routed_expert_weights"] += routed
+    for call in calls(main):
+        kernel = call.args[0].name_hint if call.op.name == "relax.call_tir" else ""
+        if kernel.startswith("mote_quantized_"):
+            operand = quantized_operands(kernel, call, weight_of)
+            if operand not in entry["quantized_weights"]:   # a matrix read by several calls counts once
+                entry["quantized_weights"].append(operand)
     entry["relax_ops"] = {}
     for call in calls(main):
         op = call.op.name if hasattr(call.op, "name") else str(call.op)
@@ -202,6 +210,20 @@ def signature(mod, name: str, weights: list[str], params_file: str) -> dict:
     if caches:
         entry["kv_cache"] = {"inputs": caches, "updated_in_place": True}
     return entry
+
+
+def quantized_operands(kernel: str, call, weight_of) -> dict:
+    """What a quantized kernel's call reads, from the call itself: the stored weights of its values (`q`) and
+    scales, the bits (int8 values, or int4 packed in uint8), the matrix's rows and K (the linear's input width x
+    [N, K], the embedding's output width y [N, d]) and the group size along K."""
+    x, q, scale = call.args[1].fields[:3]
+    names = {"q": weight_of(q), "scale": weight_of(scale)}
+    if None in names.values():
+        raise RuntimeError(f"tvm: an operand of {kernel} is not one of the program's weights")
+    bits = {"int8": 8, "uint8": 4}[str(q.ty.dtype)]
+    k = int((x.ty if kernel.startswith("mote_quantized_linear") else call.ty).shape[-1])
+    return {"kernel": kernel, **names, "bits": bits, "rows": int(q.ty.shape[0]), "k": k,
+            "group": k // int(scale.ty.shape[-1])}
 
 
 def write_params(path: Path, weights: list) -> int:

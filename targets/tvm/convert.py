@@ -4,8 +4,12 @@
         -> shared = linear(silu(linear(x, W_g)) * linear(x, W_u), W_d)   [* sigmoid(linear(x, w_sg))]
            p, i   = topk(softmax(linear(x, W_r)), k)                      [p /= sum p]
            y      = shared + call_tir(routed_experts, x, i, p, codes, scales)   only the chosen experts' codes read
+       (without shared weights, a shared expert quantized by --quantize and computed outside the op:
+           y      = call_tir(routed_experts, ...)                         the graph adds the shared output itself)
     mote_bench.moe_ffn_float   -> the same with call_tir(routed_experts_float, ...) (the benchmark's fp32 baseline)
     mote.ternary_linear        -> call_tir(ternary_linear, x, codes, scale)
+    mote.quantized_linear      -> call_tir(quantized_linear, x, q, scale[, b])   dequantized in the kernel's inner loop
+    mote.quantized_embedding   -> call_tir(quantized_embedding, tokens, q, scale)  the gathered rows dequantized
     aten.linear                -> call_tir(linear, x, W[, b])            TVM's own CPU `linear` takes ~400 ms per step
     aten.matmul (attention)    -> call_tir(batch_matmul, q, k^T) and (p, v) over the heads: TVM's own took a third
                                   of a prefill
@@ -14,6 +18,9 @@
     aten.where.Scalar          -> where(cond, const, const) (the importer has no converter for the scalar form)
 
 The kernels are ours (`kernels.py`, TensorIR scheduled per target); one kernel per distinct shape, shared by layers.
+Before import, `to_kernel_layouts` rewrites the program's weights into the kernels' layouts: the routed experts'
+codes padded to whole vectors, and int4 weights packed two per byte (`kernels.pack_int4`), so that the params file
+holds 4 bits per int4 weight (int8 ones stay one byte each).
 Converters take `(node, importer)`; `importer.retrieve_args(node)` gives the Relax values of the node's arguments.
 """
 from __future__ import annotations
@@ -23,7 +30,7 @@ import math
 import torch
 
 from mote.passes.match import is_op
-from mote.passes.ops import MoeFfnArgs
+from mote.passes.ops import QUANTIZED_OPS, MoeFfnArgs
 from mote.passes.program import add_constant, constant_value, finish_rewrite, spec_for
 from mote.targets.lowering import moe_nodes
 
@@ -53,6 +60,8 @@ class Converters:
             "moe_ffn.default": self.moe_ffn,
             "moe_ffn_float.default": self.moe_ffn_float,
             "ternary_linear.default": self.ternary_linear,
+            "quantized_linear.default": self.quantized_linear,
+            "quantized_embedding.default": self.quantized_embedding,
             "linear.default": self.linear,
             "matmul.default": self.matmul,
             "index_copy.default": self.index_copy,
@@ -131,8 +140,33 @@ class Converters:
                        [rows, codes, scale], [rows.ty.shape[0], n_out])
         return self._like(bb, y, x)
 
-    def _shared_and_routing(self, bb, args: MoeFfnArgs, rows):
-        """The full-precision part of the block: the shared expert's output and the router's top-k (p, i)."""
+    def quantized_linear(self, node, importer):
+        """mote.quantized_linear(x, q, scale, bias, bits, group): q is in the kernel layout (`to_kernel_layouts`)."""
+        bb = importer.block_builder
+        x, q, scale, bias, bits, group = importer.retrieve_args(node)
+        n_out, k = int(q.ty.shape[0]), int(x.ty.shape[-1])
+        rows = self._rows(bb, x)
+        name = (f"mote_quantized_linear_int{bits}_{_groups(group, k)}_{n_out}x{k}"
+                + ("_bias" if bias is not None else ""))
+        y = self._call(bb, self.kernel(kernels.quantized_linear, n_out, k, bits, group, bias is not None), name,
+                       [rows, q, scale] + ([bias] if bias is not None else []), [rows.ty.shape[0], n_out])
+        return self._like(bb, y, x)
+
+    def quantized_embedding(self, node, importer):
+        """mote.quantized_embedding(tokens [...], q, scale, bits, group) -> [..., d]: the tokens flattened."""
+        from tvm import relax
+
+        bb = importer.block_builder
+        tokens, q, scale, bits, group = importer.retrieve_args(node)
+        vocab, d = int(q.ty.shape[0]), int(node.meta["val"].shape[-1])
+        shape = list(tokens.ty.shape)
+        flat = bb.emit(relax.op.reshape(tokens, [math.prod(shape)])) if len(shape) != 1 else tokens
+        y = self._call(bb, self.kernel(kernels.quantized_embedding, vocab, d, bits, group),
+                       f"mote_quantized_embedding_int{bits}_{_groups(group, d)}_{vocab}x{d}", [flat, q, scale],
+                       [flat.ty.shape[0], d])
+        return bb.emit(relax.op.reshape(y, [*shape, d]))
+
+    def _shared_expert(self, bb, args: MoeFfnArgs, rows):
         from tvm import relax
 
         w_gate, w_up, w_down = args.shared
@@ -142,6 +176,14 @@ class Converters:
         if args.shared_expert_gate is not None:
             gate = bb.emit(relax.op.sigmoid(self._linear_rows(bb, rows, args.shared_expert_gate)))
             shared = bb.emit(relax.op.multiply(gate, shared))
+        return shared
+
+    def _shared_and_routing(self, bb, args: MoeFfnArgs, rows):
+        """The full-precision part of the block: the shared expert's output (None when the op has no shared
+        weights: it is computed outside, quantized) and the router's top-k (p, i)."""
+        from tvm import relax
+
+        shared = self._shared_expert(bb, args, rows) if args.shared_gate is not None else None
         probs = bb.emit(relax.op.nn.softmax(self._linear_rows(bb, rows, args.router), axis=-1))
         top = bb.emit(relax.op.topk(probs, args.top_k, axis=-1, ret_type="both", dtype="int32"))
         top_p, top_i = bb.emit(relax.TupleGetItem(top, 0)), bb.emit(relax.TupleGetItem(top, 1))
@@ -162,7 +204,7 @@ class Converters:
         kernel = self.kernel(kernels.routed_experts, experts, d, width, args.top_k, per_channel)
         name = f"mote_routed_experts_{experts}x{width}x{d}_top{args.top_k}_{'pc' if per_channel else 'pt'}"
         routed = self._call(bb, kernel, name, [rows, top_i, top_p, *args.routed_operands()], rows.ty.shape)
-        return self._like(bb, bb.emit(relax.op.add(shared, routed)), args.x)
+        return self._like(bb, _plus_shared(bb, shared, routed), args.x)
 
     def moe_ffn_float(self, node, importer):
         """mote_bench.moe_ffn_float(x, shared..., router, gate_w, up_w, down_w, k, renorm): fp32 experts."""
@@ -180,7 +222,7 @@ class Converters:
         routed = self._call(bb, kernel, f"mote_routed_experts_float_{experts}x{width}x{d}_top{top_k}",
                             [rows, top_i, top_p, gate_w, up_w, down_w],
                             rows.ty.shape)
-        return self._like(bb, bb.emit(relax.op.add(shared, routed)), x)
+        return self._like(bb, _plus_shared(bb, shared, routed), x)
 
     def index_copy(self, node, importer):
         """cache.index_copy(2, positions, rows): the decoder's KV-cache write, done in place on the argument."""
@@ -202,6 +244,18 @@ class Converters:
         return importer.block_builder.emit(relax.op.where(cond, relax.const(a, dtype), relax.const(b, dtype)))
 
 
+def _plus_shared(bb, shared, routed):
+    """The block's output: shared + routed, or the routed sum alone when the shared expert is outside the op."""
+    from tvm import relax
+
+    return routed if shared is None else bb.emit(relax.op.add(shared, routed))
+
+
+def _groups(group: int, k: int) -> str:
+    """How a kernel's name says its scale groups: per output channel, or g<size>."""
+    return "pc" if group == k else f"g{group}"
+
+
 def write_cache_rows(batch: int, heads: int, length: int, head_dim: int, dtype: str):
     """cache[b, h, positions[t], :] = rows[b, h, t, :] for t < T: the in-place KV-cache write (T symbolic)."""
     from tvm.script import tirx as T
@@ -221,28 +275,36 @@ def write_cache_rows(batch: int, heads: int, length: int, head_dim: int, dtype: 
 
 
 def to_kernel_layouts(ep) -> int:
-    """The 2-bit codes of the program's mote.moe_ffn and mote.ternary_linear ops in the kernels' layout
-    (`kernels.kernel_codes`: rows padded with trit-0 codes to whole vectors), rewritten in the ExportedProgram before
-    import. Returns how many code tensors changed (none when the widths are already whole vectors)."""
-    changed = 0
+    """The program's low-bit weights in the kernels' layouts, rewritten in the ExportedProgram before import:
+    - the 2-bit codes of mote.moe_ffn and mote.ternary_linear (`kernels.kernel_codes`: rows padded with trit-0
+      codes to whole vectors; unchanged when the widths are already whole vectors);
+    - the int4 values of mote.quantized_linear and mote.quantized_embedding, packed two per byte
+      (`kernels.pack_int4`; int8 ones are already the kernels' layout).
+    Returns how many tensors changed."""
+    changed: dict = {}   # old placeholder -> new one (a weight read by several ops is laid out once)
 
-    def relayout(node, arg, k):
-        nonlocal changed
-        codes = constant_value(ep, arg)
-        laid_out = kernels.kernel_codes(codes.numpy(), k)
-        if laid_out.shape == tuple(codes.shape):
-            return
-        new = add_constant(ep, f"{spec_for(ep, arg).target}.kernel_layout", torch.from_numpy(laid_out))
-        node.replace_input_with(arg, new)
-        changed += 1
+    def relayout(node, arg, lay_out):
+        if arg not in changed:
+            value = constant_value(ep, arg)
+            laid_out = lay_out(value.numpy())
+            if laid_out.shape == tuple(value.shape) and laid_out.dtype == value.numpy().dtype:
+                return
+            changed[arg] = add_constant(ep, f"{spec_for(ep, arg).target}.kernel_layout", torch.from_numpy(laid_out))
+        node.replace_input_with(arg, changed[arg])
 
     for node, args in moe_nodes(ep):
         d, width = args.x.meta["val"].shape[-1], constant_value(ep, args.gate_packed).shape[1]
         for _, codes, _, k in args.projections(d, width):
-            relayout(node, codes, k)
+            relayout(node, codes, lambda c, k=k: kernels.kernel_codes(c, k))
     for node in list(ep.graph.nodes):
         if is_op(node, torch.ops.mote.ternary_linear.default):
-            relayout(node, node.args[1], node.args[3])
+            relayout(node, node.args[1], lambda c, k=node.args[3]: kernels.kernel_codes(c, k))
+        elif is_op(node, *QUANTIZED_OPS) and _bits(node) == 4:
+            relayout(node, node.args[1], kernels.pack_int4)
     finish_rewrite(ep)
-    return changed
+    return len(changed)
 
+
+def _bits(node) -> int:
+    """The bits argument of mote.quantized_linear / mote.quantized_embedding."""
+    return node.args[4] if is_op(node, torch.ops.mote.quantized_linear.default) else node.args[3]

@@ -1,5 +1,5 @@
-"""TensorIR compute kernels of the TVM target: float linear, ternary linear, the routed experts of a MoTE block and
-the batched matmuls of attention.
+"""TensorIR compute kernels of the TVM target: float linear, ternary linear, the routed experts of a MoTE block, the
+batched matmuls of attention, and the linear and embedding of post-training quantized weights (`--quantize`).
 
 Every builder takes static sizes and a `tvm.target.Target` and returns a scheduled `tvm.tirx.PrimFunc` whose buffers
 have a leading symbolic token count T (int64, T >= 1) and whose last parameter is the output (destination-passing
@@ -35,6 +35,16 @@ Q8 per token row: amax = max(max|v|, 1e-5), inv = (1 / amax) * 127 (torch's `127
 round_half_even(v * inv), -128, 127), s_v = amax / 127; bitlinear = (float(acc) * s_v) * s_w with acc an exact int32.
 LLVM contracts a * b + c into FMA here (TVM's default); the ternary path has no such pair before its rounding.
 
+Quantized weights (weight-only dequantization, the semantics of `torch.ops.mote.quantized_linear`)
+------------------------------------------------------------------------------------------------
+int8 values are stored as they are, [rows, K]; int4 values two per byte (`pack_int4`), in spans of QUANT_SPAN = 32
+weights: byte j of a span's 16 holds weight j in its low nibble and weight 16 + j in its high one, so a vector of
+consecutive weights is one run of bytes, whatever the vector width (4 or 8 float lanes): sign-extended, then shifted
+((b << 28) >> 28, b >> 4), never shuffled. Scales are float32 [rows, K / group], a group being K (per output channel)
+or whole spans. The kernels walk K span by span, convert each weight vector to float32 and multiply it by its
+group's scale (q * s, the reference's dequantized weight, exactly), then accumulate x * w in fp32 like `linear`, each
+dequantized vector shared by the tile's tokens. The embedding dequantizes the gathered rows the same way.
+
 Routed experts
 --------------
 The token -> expert choices are turned into per-expert slot lists inside the kernel; the experts are then visited in
@@ -62,6 +72,7 @@ ZERO_CODES_BYTE = 0xAA  # four codes 2 (trit 0): the K padding
 _ACT_EPS = 1e-5         # export.semantics.ACT_EPS
 _Q_MAX = 127.0
 _VL = 8                 # float32 lanes of the per-row activation passes (Q8, silu)
+QUANT_SPAN = 32         # weights per step of the quantized kernels (16 bytes of int4, 32 of int8)
 
 
 def kernel_code_shape(rows: int, k: int) -> tuple[int, int]:
@@ -81,6 +92,29 @@ def kernel_codes(codes: np.ndarray, k: int) -> np.ndarray:
 
 def _code_bytes(k: int) -> int:
     return -(-((k + 3) // 4) // CODE_ALIGN) * CODE_ALIGN
+
+
+# -- post-training quantized weights (--quantize) ---------------------------------------------------------------------
+
+def quantized_weight_shape(rows: int, k: int, bits: int) -> tuple[int, int]:
+    """Shape of one quantized matrix in the kernel layout: int8 [rows, K] as it is, int4 uint8 [rows, 16 per span]."""
+    if bits == 8:
+        return rows, k
+    if bits == 4:
+        return rows, -(-k // QUANT_SPAN) * (QUANT_SPAN // 2)
+    raise ValueError(f"{bits}-bit weights: the kernels take 4 or 8")
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int4 values in int8 storage [..., rows, K] -> uint8 [..., rows, ceil(K/32) * 16]: per span of 32 weights,
+    byte j holds weight j in its low nibble and weight 16 + j in its high one (two's complement nibbles); the last
+    span is padded with zeros."""
+    q = np.asarray(q)
+    if q.dtype != np.int8 or q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"expected int8 values in [-8, 7], got {q.dtype} in [{q.min()}, {q.max()}]")
+    q = np.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, -q.shape[-1] % QUANT_SPAN)])
+    nibbles = q.reshape(*q.shape[:-1], -1, 2, QUANT_SPAN // 2).astype(np.uint8) & 0xF
+    return (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
 
 
 # -- per-target instruction choices ------------------------------------------------------------------------------
@@ -398,6 +432,72 @@ def _token_tiles(tiles: _Tiles, n_tokens, rows, guards, tile):
                     sub_blocks(first, n)
 
 
+def _check_group(k: int, group: int) -> None:
+    if k % group or (group != k and group % QUANT_SPAN):
+        raise ValueError(f"groups of {group} along K = {k}: the kernels take K itself (per output channel) or a "
+                         f"multiple of {QUANT_SPAN} that divides K")
+
+
+_QUANT_DTYPE = {8: "int8", 4: "uint8"}
+
+
+def _spans(k: int, lanes: int, step):
+    """Walk K in spans of QUANT_SPAN weights: step(span, [(offset in the span, lanes)]) for each whole span (a
+    serial loop), then for the k % QUANT_SPAN weights left (whole vectors, then scalars)."""
+    with T.serial(0, k // QUANT_SPAN) as span:
+        step(span, [(off, lanes) for off in range(0, QUANT_SPAN, lanes)])
+    tail = k % QUANT_SPAN
+    if tail:
+        whole = tail // lanes * lanes
+        step(k // QUANT_SPAN,
+             [(off, lanes) for off in range(0, whole, lanes)] + [(off, 1) for off in range(whole, tail)])
+
+
+def _group_index(span, group: int, k: int):
+    """The scale column of a span's weights (a group is K itself or whole spans)."""
+    return 0 if group == k else span // (group // QUANT_SPAN)
+
+
+def _dequantized(q, row, bits: int, span, off: int, lanes: int, scale):
+    """float32 weights span * QUANT_SPAN + off .. + lanes of a quantized row: q * scale (as
+    `semantics.dequantize_weight`). int4 (`pack_int4`): the span's bytes hold weight j in the low nibble of byte j
+    and weight 16 + j in its high nibble, so `lanes` consecutive weights (lanes divides 16) are one run of bytes,
+    sign-extended, then shifted: (b << 28) >> 28 for the low nibble, b >> 4 for the high one."""
+    if bits == 8:
+        values = q[row, _lanes(span * QUANT_SPAN + off, lanes)]
+    else:
+        half = QUANT_SPAN // 2
+        raw = q[row, _lanes(span * half + off % half, lanes)]
+        wide = T.Cast(_vtype("int32", lanes), T.reinterpret(_vtype("int8", lanes), raw))
+        if off >= half:
+            values = wide >> _splat(T.int32(4), lanes)
+        else:
+            values = (wide << _splat(T.int32(28), lanes)) >> _splat(T.int32(28), lanes)
+    return T.Cast(_vtype("float32", lanes), values) * _splat(scale, lanes)
+
+
+def _quantized_tile(isa: _Isa, k: int, bits: int, group: int, q, scale, rows, x_at, n_tokens: int):
+    """Float dot products of the quantized weight rows `rows`, dequantized in the loop, with `n_tokens` activation
+    rows (x_at as in `_float_tile`): each weight vector is dequantized once and used for every token of the tile.
+    Returns (r, t) -> float32 expression."""
+    lanes = isa.f32_lanes
+    acc = _registers((len(rows), n_tokens, lanes), "float32")
+    for r, t in itertools.product(range(len(rows)), range(n_tokens)):
+        _fill(acc, (r, t), lanes, T.float32(0))
+
+    def step(span, segments):
+        for r, row in enumerate(rows):
+            s = T.Bind(scale[row, _group_index(span, group, k)])
+            for off, n in segments:
+                w = T.Bind(_dequantized(q, row, bits, span, off, n, s))
+                for t in range(n_tokens):
+                    index = [r, t, _lanes(0, n)]   # a scalar of the tail goes into lane 0
+                    T.buffer_store(acc, acc[tuple(index)] + w * x_at(t, span * QUANT_SPAN + off, n), index)
+
+    _spans(k, lanes, step)
+    return lambda r, t: _hsum(acc, (r, t), lanes)
+
+
 def _prim_func(name: str, body):
     """A PrimFunc named `name` from body() (which declares the arguments and returns nothing), with the root
     SBlock the Relax passes expect and the attributes that keep default schedules away."""
@@ -417,27 +517,92 @@ def _token_var():
 
 def linear(n_out: int, k: int, bias: bool, target: tvm.target.Target) -> tirx.PrimFunc:
     """y [T, n_out] = x [T, k] . w [n_out, k]^T (+ b [n_out]), float32. Arguments: x, w, (b), y."""
+    def weights():
+        return T.arg("w", T.buffer((n_out, k), "float32"))
+
+    def dot(isa, w, rows, x_at, n_tokens):
+        return _float_tile(isa, k, lambda r, kk, lanes: w[rows[r], _lanes(kk, lanes)], x_at, len(rows), n_tokens)
+
+    return _linear_kernel("linear", n_out, k, bias, target, weights, dot)
+
+
+def _linear_kernel(name: str, n_out: int, k: int, bias: bool, target: tvm.target.Target, weights, dot):
+    """The GEMV / GEMM of `linear` and `quantized_linear`, parallel over blocks of output rows, in register tiles of
+    rows x tokens. weights() declares the weight arguments (between x and the bias); dot(isa, weights, rows, x_at,
+    n_tokens) -> (r, t) -> float32 emits one tile's dot products."""
     isa = _isa(target)
 
     def body():
         tokens = _token_var()
         x = T.arg("x", T.buffer((tokens, k), "float32"))
-        w = T.arg("w", T.buffer((n_out, k), "float32"))
+        w = weights()
         b = T.arg("b", T.buffer((n_out,), "float32")) if bias else None
         y = T.arg("y", T.buffer((tokens, n_out), "float32"))
 
         def tile(rows, guards, t0, n_tokens):
-            dot = _float_tile(isa, k, lambda r, kk, lanes: w[rows[r], _lanes(kk, lanes)],
-                              lambda t, kk, lanes: x[t0 + t, _lanes(kk, lanes)], len(rows), n_tokens)
+            result = dot(isa, w, rows, lambda t, kk, lanes: x[t0 + t, _lanes(kk, lanes)], n_tokens)
             for r, t in itertools.product(range(len(rows)), range(n_tokens)):
-                value = dot(r, t) + b[rows[r]] if bias else dot(r, t)
+                value = result(r, t) + b[rows[r]] if bias else result(r, t)
                 _guarded(guards[r], lambda: T.buffer_store(y, value, [t0 + t, rows[r]]))
 
         with T.sblock("root"):
             _row_blocks(n_out, isa.float_tiles.block_rows,
                         lambda rows, guards: _token_tiles(isa.float_tiles, tokens, rows, guards, tile))
 
-    return _prim_func("linear", body)
+    return _prim_func(name, body)
+
+
+def quantized_linear(n_out: int, k: int, bits: int, group: int, bias: bool,
+                     target: tvm.target.Target) -> tirx.PrimFunc:
+    """y [T, n_out] = x [T, k] . (q * s)^T (+ b [n_out]): `torch.ops.mote.quantized_linear`, weight-only
+    dequantization in the inner loop (each weight is q * its group's scale, as `semantics.dequantize_weight`), fp32
+    accumulation; the tiling of `linear`.
+
+    Arguments: x float32 [T, k], q `quantized_weight_shape(n_out, k, bits)` (int8 values, or int4 packed by
+    `pack_int4`), scale float32 [n_out, k / group], (b float32 [n_out]), y float32 [T, n_out]. group = k is per
+    output channel; other groups are multiples of QUANT_SPAN.
+    """
+    _check_group(k, group)
+
+    def weights():
+        q = T.arg("q", T.buffer(quantized_weight_shape(n_out, k, bits), _QUANT_DTYPE[bits]))
+        return q, T.arg("scale", T.buffer((n_out, k // group), "float32"))
+
+    def dot(isa, w, rows, x_at, n_tokens):
+        return _quantized_tile(isa, k, bits, group, *w, rows, x_at, n_tokens)
+
+    return _linear_kernel("quantized_linear", n_out, k, bias, target, weights, dot)
+
+
+def quantized_embedding(vocab: int, d: int, bits: int, group: int, target: tvm.target.Target) -> tirx.PrimFunc:
+    """y [T, d] = the rows tokens[t] of the table q * s, dequantized as they are gathered:
+    `torch.ops.mote.quantized_embedding`. A token id outside [0, vocab) reads the nearest row (never out of bounds).
+
+    Arguments: tokens int64 [T], q `quantized_weight_shape(vocab, d, bits)`, scale float32 [vocab, d / group],
+    y float32 [T, d].
+    """
+    _check_group(d, group)
+    lanes = _isa(target).f32_lanes
+
+    def body():
+        tokens = _token_var()
+        ids = T.arg("tokens", T.buffer((tokens,), "int64"))
+        q = T.arg("q", T.buffer(quantized_weight_shape(vocab, d, bits), _QUANT_DTYPE[bits]))
+        scale = T.arg("scale", T.buffer((vocab, d // group), "float32"))
+        y = T.arg("y", T.buffer((tokens, d), "float32"))
+        with T.sblock("root"):
+            with T.parallel(0, tokens) as t:
+                row = T.Bind(T.max(T.min(ids[t], T.int64(vocab - 1)), T.int64(0)))
+
+                def step(span, segments):
+                    s = T.Bind(scale[row, _group_index(span, group, d)])
+                    for off, n in segments:
+                        T.buffer_store(y, _dequantized(q, row, bits, span, off, n, s),
+                                       [t, _lanes(span * QUANT_SPAN + off, n)])
+
+                _spans(d, lanes, step)
+
+    return _prim_func("quantized_embedding", body)
 
 
 def batch_matmul(batch: int, k: int, n: int, target: tvm.target.Target) -> tirx.PrimFunc:

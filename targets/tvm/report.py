@@ -1,6 +1,6 @@
 """What report.json says about a TVM export, read back from the written files: the manifest, the libraries' ELF
 headers (which architecture each one is really for) and the params files' safetensors headers (the bytes the routed
-experts take)."""
+experts and the quantized weights of --quantize take)."""
 from __future__ import annotations
 
 import json
@@ -61,6 +61,36 @@ def routed_expert_bytes(out_dir: Path) -> dict:
     return {"bytes": total, "tensors": tensors, "where": ", ".join(where), "dtypes": sorted(dtypes)}
 
 
+def quantized_weights(out_dir: Path) -> dict:
+    """The quantized matrices the manifest names (the operands of the quantized kernels), by bit width: how many,
+    their weights, the bytes of their stored values and scales (from the params files' headers), the stored dtypes,
+    the scale groups ("channel": one per output row), where, and the kernels that read them with their calls (summed
+    over the programs: a shape's kernel is compiled into each program's library that calls it)."""
+    out: dict = {}
+
+    def kind(bits: int) -> dict:
+        return out.setdefault(f"int{bits}", {"matrices": 0, "weights": 0, "value_bytes": 0, "scale_bytes": 0,
+                                             "value_dtypes": [], "groups": [], "files": [], "kernels": {}})
+
+    for entry in load_manifest(out_dir)["programs"].values():
+        matrices = entry.get("quantized_weights", [])
+        header = read_header(Path(out_dir) / entry["params_file"]) if matrices else {}
+        for w in matrices:
+            found = kind(w["bits"])
+            found["matrices"] += 1
+            found["weights"] += w["rows"] * w["k"]
+            found["value_bytes"] += tensor_bytes(header, [w["q"]])
+            found["scale_bytes"] += tensor_bytes(header, [w["scale"]])
+            for key, value in (("value_dtypes", header[w["q"]]["dtype"]), ("files", entry["params_file"]),
+                               ("groups", "channel" if w["group"] == w["k"] else w["group"])):
+                if value not in found[key]:
+                    found[key].append(value)
+        for kernel, bits in {(w["kernel"], w["bits"]) for w in matrices}:
+            calls = kind(bits)["kernels"]
+            calls[kernel] = calls.get(kernel, 0) + entry["kernels"][kernel]
+    return out
+
+
 def read_back(out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
@@ -82,6 +112,7 @@ def read_back(out_dir: Path) -> dict:
                                    "T": entry.get("T"), "kv_cache": entry.get("kv_cache")}
     facts["files"] = sorted(files)
     facts["routed_experts"] = routed_expert_bytes(out_dir)
+    facts["quantized"] = quantized_weights(out_dir)
     facts["android"] = "android-arm64" in manifest["architectures"]
     return facts
 
@@ -98,6 +129,7 @@ def render_notes(facts: dict, weights: int) -> list[str]:
                      f"{weights} weights ({routed['bytes'] * 8 / max(weights, 1):.3f} bits/weight): {stored}, passed "
                      "to a routed-experts kernel that takes the router's top-k indices and reads only the chosen "
                      "experts")
+    notes += [_quantized_note(kind, q) for kind, q in sorted(facts["quantized"].items())]
     notes.append(f"text_decoder kernels (ours, TensorIR): {kernels}; matmuls left to TVM's default lowering: "
                  f"{decoder['matmuls_left_to_tvm']}")
     if decoder["T"]:
@@ -115,7 +147,20 @@ def render_notes(facts: dict, weights: int) -> list[str]:
     return notes
 
 
+def _quantized_note(kind: str, q: dict) -> str:
+    values = "/".join(d.lower().replace("u8", "uint8").replace("i8", "int8") for d in q["value_dtypes"])
+    per_byte = q["weights"] / max(q["value_bytes"], 1)
+    groups = ", ".join("one per output channel" if g == "channel" else f"one per {g} weights" for g in q["groups"])
+    calls = sum(q["kernels"].values())
+    return (f"{kind} weights (--quantize): {q['matrices']} matrices, {q['weights']} weights in {q['value_bytes']} "
+            f"bytes of {values} ({per_byte:.2f} per byte, {q['value_bytes'] * 8 / max(q['weights'], 1):.3f} "
+            f"bits/weight) + {q['scale_bytes']} bytes of float32 scales ({groups}) in {', '.join(q['files'])}; "
+            f"dequantized in the inner loop of our kernels, {len(q['kernels'])} shapes, {calls} calls "
+            f"({', '.join(sorted(q['kernels']))})")
+
+
 def render_deviations(facts: dict) -> list[str]:
     """None to declare: every kernel keeps the reference semantics (fp32, integer-exact ternary dot products, the
-    reference's per-token int8 rounding; tests/test_tvm_kernels.py), whatever the export (`facts` unused)."""
+    reference's per-token int8 rounding, weight-only dequantization of quantized weights with fp32 activations;
+    tests/test_tvm_kernels.py), whatever the export (`facts` unused)."""
     return []
