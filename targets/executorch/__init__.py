@@ -8,6 +8,11 @@ Lowering (decompose.py): everything XNNPACK supports (attention, shared expert, 
 linears) is delegated to XNNPACK in fp32. The routed experts run in our own kernel library (kernels/, loaded by
 every runner: kernel_library.py) as one `mote::routed_experts.out` call per block on the 2-bit codes; with
 `--android-kernels portable` they are portable ATen ops that gather only the selected experts' packed bytes instead.
+
+`--quantize` (quantized.py): each quantized linear becomes one of XNNPACK's dynamically quantized fully-connected
+operators on our low-bit weights (qd8-f32-qb4w for int4 groups, qd8-f32-qc8w for int8 per channel: int8 per-token
+activations, a declared deviation verified at 35 dB), the quantized embedding ExecuTorch's embedding_byte /
+embedding_4bit kernel (its quantized kernels library, which every runner loads).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from mote.targets.lowering import routed_expert_weights, use_float_experts
 from . import kernel_library
 from .decompose import DECOMPOSITIONS
 from .partitioning import linear_partitioning
-from .report import pte_routed_expert_storage, read_back, render_notes, routed_constants
+from .quantized import lower_quantized_ops
+from .report import pte_routed_expert_storage, read_back, render_deviations, render_notes, routed_constants
 
 PTE_NAME = "model.pte"
 
@@ -84,6 +90,7 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False,
         for i, (name, ep) in enumerate(programs.items()):
             progress.tick(f"{name}: mote:: ops to ATen", i, steps)
             decomposed[name] = ep.run_decompositions(DECOMPOSITIONS[kernels])
+            lower_quantized_ops(decomposed[name], name)
         edge = to_edge_transform_and_lower(
             decomposed, partitioner=[_reporting(XnnpackPartitioner(), n, steps)],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
@@ -126,6 +133,16 @@ def delegation_summary(edge) -> dict:
     return out
 
 
+def require_delegated(delegation: dict) -> None:
+    """The rewritten quantized linears (torchao's *_affine ops) must all be inside XNNPACK's delegates: ExecuTorch has
+    no portable kernels for torchao's ops, and a float linear left behind would not be low-bit."""
+    left = {f"{m}: {op} x{n}" for m, d in delegation.items() for op, n in d["portable_ops"].items()
+            if "_affine" in op or op.split(".")[0] in ("linear", "addmm", "mm")}
+    if left:
+        raise RuntimeError(f"android: XNNPACK did not take every quantized linear ({', '.join(sorted(left))} left "
+                           "outside its delegates)")
+
+
 def forget_lowered_graphs() -> None:
     """Drop the references ExecuTorch 1.5.1 keeps to the last lowering's graphs at module level: the
     `is_same_node` lru_cache of exir.backend.utils (keyed by fx Nodes) and each partitioner's `WhyNoPartition`
@@ -159,6 +176,7 @@ class ExecuTorchTarget(Target):
     tolerance = Tolerance(min_sqnr_db=60.0)   # exact reference semantics in fp32
     Options = ExecuTorchOptions
     fp32_experts_supported = True
+    quantized_bits = (4, 8)
 
     def preflight(self, options: ExecuTorchOptions = ExecuTorchOptions(), verify: bool = True) -> None:
         if options.android_kernels == "fused" and verify:
@@ -180,9 +198,17 @@ class ExecuTorchTarget(Target):
         facts["delegation"] = delegation_summary(edge)
         del edge, et
         forget_lowered_graphs()
+        require_delegated(facts["delegation"])
         return Lowered(artifacts=[path], routed_expert_weights=weights,
-                       routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=[],
+                       routed_expert_bytes=facts["routed_experts"]["bytes"], deviations=render_deviations(facts),
                        notes=render_notes(facts, weights), facts=facts)
+
+    def tolerance_for(self, lowered: Lowered) -> Tolerance:
+        """XNNPACK's dynamically quantized linears (int8 per-token activations, `--quantize`) are a declared
+        deviation (DESIGN.md section 6): 35 dB and identical greedy tokens; else the fp32 bar."""
+        if any(kind.startswith("qd8-") for kind in lowered.facts.get("quantized_linears", {})):
+            return Tolerance(min_sqnr_db=35.0)
+        return self.tolerance
 
     def runner(self, out_dir: Path, max_seq_len: int, threads: int | None = None) -> "PteRunner":
         return PteRunner(Path(out_dir) / PTE_NAME, max_seq_len, threads)
@@ -278,6 +304,9 @@ class PteRunner:
             self.program = None       # the old program's memory goes before the new one is claimed
             self.program = Runtime.get().load_program(str(self.path), enable_etdump=self.etdump)
             self.cache_written = False
+            # ExecuTorch's own quantized kernels (embedding_byte / embedding_4bit of --quantize), as its LLM runners
+            # link them: the wheel's runtime does not register them until their library is loaded
+            kernel_library.load_quantized_kernels()
             if kernel_library.VERSION_METHOD in self.program.method_names:
                 # before any method that calls the kernels is loaded: "Missing operator" otherwise
                 kernel_library.load()

@@ -22,6 +22,7 @@ from mote.export.errors import InputError
 KERNELS_VERSION = 1
 VERSION_METHOD = "get_mote_kernels_version"
 LIBRARY_NAME = "libmote_executorch_kernels.so"
+QUANTIZED_LIBRARY_NAME = "libexecutorch_kernels_quantized.so"   # in the executorch wheel's lib/
 REPO = Path(__file__).resolve().parents[2]
 BUILD_DIR = REPO / "build" / "et-kernels"
 SOURCES = Path(__file__).resolve().parent / "kernels"
@@ -76,6 +77,20 @@ def load() -> ctypes.CDLL:
                          "rebuild it with ./setup.sh")
     _loaded[str(path)] = lib
     return lib
+
+
+def load_quantized_kernels() -> ctypes.CDLL:
+    """ExecuTorch's quantized kernels library from the wheel (`quantized_decomposed::embedding_byte.out`, ...; the
+    `quantized_ops_lib` an app links), loaded once: the Python runtime registers none of them by itself."""
+    from executorch.extension.pybindings import portable_lib
+
+    path = Path(portable_lib.__file__).resolve().parents[2] / "lib" / QUANTIZED_LIBRARY_NAME
+    if str(path) not in _loaded:
+        try:
+            _loaded[str(path)] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise InputError(f"{path}: cannot load ExecuTorch's quantized kernels: {e}") from None
+    return _loaded[str(path)]
 
 
 def isa() -> str:

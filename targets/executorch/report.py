@@ -1,9 +1,11 @@
 """What report.json says about a `.pte`, read back from the file and from the ExecuTorch program it was emitted from.
 
     facts = read_back(pte_path, et_manager)      routed-expert storage, how the experts are read, KV cache,
-                                                  activation quantization
+                                                  activation quantization, the quantized linears in XNNPACK's
+                                                  payloads and the quantized embedding table (--quantize)
     facts["delegation"] = delegation_summary(edge)
     notes = render_notes(facts, routed_weights)   sentences worded from those facts only
+    deviations = render_deviations(facts)         where the kernels depart from the reference, from the facts
 
 Storage comes from the `.pte` itself: its flatbuffer holds, per method, one value per graph placeholder (the
 emitter writes them in graph order) with the tensor's scalar type, sizes and the index of its data in the constant
@@ -19,7 +21,9 @@ from pathlib import Path
 import torch
 
 ROUTED = ".experts."      # routed-expert constants, as the passes name them (see passes.check_moe_fused)
+QUANTIZED_NS = "quantized_decomposed"   # ExecuTorch's quantized kernels library (--quantize's embeddings)
 DECODER = "text_decoder"
+EMBEDDING = "token_embedding"
 # Ops that hand on (a slice or view of) their first argument's values: the top-k indices stay top-k indices.
 _PASS_THROUGH = {"aten.select", "aten.select_copy", "aten.alias", "aten.alias_copy", "aten.view", "aten.view_copy",
                  "aten.squeeze", "aten.squeeze_copy", "aten.clone", "dim_order_ops._to_dim_order_copy",
@@ -185,6 +189,7 @@ def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
         raise RuntimeError(f"android: {len(missing)} routed-expert tensors are not constants of the .pte's "
                            f"{DECODER} (e.g. {missing[0]}): their storage cannot be read back")
     by_name = {t["placeholder"]: fqn for fqn, t in routed.items()}
+    embedding = _serialized_tensors(program, header, file_size, et.exported_program(EMBEDDING), EMBEDDING)
     reads = expert_reads(ep.graph, set(by_name))
     mutated = set(ep.graph_signature.buffers_to_mutate.values())
     return {
@@ -200,23 +205,29 @@ def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
         "activations": _activation_quantization(et),
         "storage": _storage(program, header, file_size, pte_path),
         "kernels": kernel_facts(program),
+        "quantized_linears": xnnpack_quantized_linears(program, header, pte_path),
+        "embedding_constants": [{"name": fqn, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["bytes"]}
+                                for fqn, t in embedding.items() if t["constant"]],
     }
 
 
 def kernel_facts(program) -> dict:
     """The ops of our kernel library the `.pte` calls (its operator tables, by method) and the library version it
-    records in its VERSION_METHOD constant method (None: it needs no kernel library)."""
+    records in its VERSION_METHOD constant method (None: it needs no kernel library); and the ops of ExecuTorch's
+    quantized kernels library it calls (`quantized_decomposed::embedding_byte`, ...: --quantize's embeddings)."""
     from .kernel_library import VERSION_METHOD
 
-    calls, version = {}, None
+    calls, quantized, version = {}, {}, None
     for plan in program.execution_plan:
         if plan.name == VERSION_METHOD:
             version = int(plan.values[plan.outputs[0]].val.int_val)
         for op in plan.operators:
-            if op.name.split("::")[0] in ("mote", "mote_bench"):
-                key = f"{op.name}.{op.overload}"
-                calls.setdefault(key, []).append(plan.name)
-    return {"library_ops": {k: sorted(set(v)) for k, v in sorted(calls.items())}, "library_version": version}
+            namespace = op.name.split("::")[0]
+            table = calls if namespace in ("mote", "mote_bench") else quantized if namespace == QUANTIZED_NS else None
+            if table is not None:
+                table.setdefault(f"{op.name}.{op.overload}", []).append(plan.name)
+    return {"library_ops": {k: sorted(set(v)) for k, v in sorted(calls.items())}, "library_version": version,
+            "executorch_quantized_ops": {k: sorted(set(v)) for k, v in sorted(quantized.items())}}
 
 
 def pte_routed_expert_storage(pte_path: Path):
@@ -245,6 +256,88 @@ def pte_routed_expert_storage(pte_path: Path):
                                tensors=len(tensors), where=f"{pte_path.name}: {DECODER} constants")
 
 
+# XNNPACK's datatypes as its kernels are named (qd8-f32-qb4w: int8 dynamic activations, f32 out, 4-bit blockwise)
+_XNN_TYPES = {"xnn_datatype_qdint8": "qd8", "xnn_datatype_fp32": "f32", "xnn_datatype_qbint4": "qb4w",
+              "xnn_datatype_qcint4": "qc4w", "xnn_datatype_qcint8": "qc8w"}
+
+
+def _delegate_graphs(program, header, pte_path: Path) -> dict[str, list[dict]]:
+    """{method: [XNNGraph as JSON]} of every XNNPACK delegate payload in the `.pte` (decoded with ExecuTorch's
+    flatc and XNNPACK's schema, all payloads in one call)."""
+    import json
+    import re
+    import tempfile
+
+    import executorch.backends.xnnpack.serialization as xnn_serialization
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.exir._serialize._flatbuffer import _run_flatc
+
+    schema = Path(next(iter(xnn_serialization.__path__))) / "schema.fbs"
+    owners = [(plan.name, d.processed.index) for plan in program.execution_plan for d in plan.delegates
+              if d.id == "XnnpackBackend" and d.processed.location.name == "SEGMENT"]
+    with tempfile.TemporaryDirectory(prefix="mote-xnn-") as tmp, open(pte_path, "rb") as f:
+        for i, (_, segment) in enumerate(owners):
+            seg = program.segments[segment]
+            f.seek(header.segment_base_offset + seg.offset)
+            blob = f.read(seg.size)
+            xh = XNNHeader.from_bytes(blob[:XNNHeader.EXPECTED_LENGTH])
+            Path(tmp, f"{i}.bin").write_bytes(blob[xh.flatbuffer_offset:xh.flatbuffer_offset + xh.flatbuffer_size])
+        if owners:
+            _run_flatc(["--json", "--defaults-json", "--strict-json", "-o", tmp, str(schema), "--"]
+                       + [str(Path(tmp, f"{i}.bin")) for i in range(len(owners))])
+        graphs: dict[str, list[dict]] = {}
+        for i, (method, _) in enumerate(owners):
+            # flatc writes non-finite floats (a clamp's bounds) as bare inf / nan, which JSON has no word for
+            text = re.sub(r'(?<=[\s:\[,])(-?(?:inf|nan))(?=[\s,\]}])', r'"\1"', Path(tmp, f"{i}.json").read_text())
+            graphs.setdefault(method, []).append(json.loads(text))
+    return graphs
+
+
+def _quantized_fully_connected(graph: dict):
+    """(kind, weight key, weight elements, scale key, scale count, group size) of each fully connected node of an
+    XNNGraph whose filter is a quantized tensor."""
+    values = [v["xvalue_union"] for v in graph["xvalues"]]
+    by_id = {(v.get("tensor_value") or v)["id_out"]: v for v in values}
+    for node in graph["xnodes"]:
+        if node["xnode_union_type"] != "XNNFullyConnected":
+            continue
+        filt, act = by_id[node["xnode_union"]["filter_id"]], by_id[node["xnode_union"]["input1_id"]]
+        if "tensor_value" not in filt:
+            continue
+        tensor, params = filt["tensor_value"], filt["quant_params"]
+        kind = (f"{_XNN_TYPES.get((act.get('tensor_value') or act)['datatype'], '?')}-f32-"
+                f"{_XNN_TYPES.get(tensor['datatype'], tensor['datatype'])}")
+        keys = graph["constant_data"]
+        numel = int(torch.Size(tensor["dims"]).numel())
+        yield (kind, keys[tensor["constant_buffer_idx"]]["named_key"], numel,
+               keys[params["scale_buffer_idx"]]["named_key"], params["num_scales"],
+               params.get("group_size") or tensor["dims"][1])
+
+
+def xnnpack_quantized_linears(program, header, pte_path: Path) -> dict:
+    """The linears XNNPACK runs on quantized weights, read from its delegate payloads: per kernel kind ('qd8-f32-qb4w':
+    int8 per-token dynamic activations, 4-bit blockwise weights) the count per method, the weights and the bytes the
+    `.pte` stores for them and their scales (XNNPACK's named data, each distinct blob once), and the group sizes."""
+    sizes = {d.key: program.segments[d.segment_index].size for d in (program.named_data or [])}
+    kinds: dict[str, dict] = {}
+    seen = set()
+    for method, graphs in _delegate_graphs(program, header, pte_path).items():
+        for graph in graphs:
+            for kind, w_key, numel, s_key, n_scales, group in _quantized_fully_connected(graph):
+                k = kinds.setdefault(kind, {"count": {}, "weights": 0, "weight_bytes": 0, "scales": 0,
+                                            "scale_bytes": 0, "group_sizes": set()})
+                k["count"][method] = k["count"].get(method, 0) + 1
+                k["weights"] += numel
+                k["scales"] += n_scales
+                k["group_sizes"].add(group)
+                k["weight_bytes"] += sizes[w_key] if w_key not in seen else 0
+                k["scale_bytes"] += sizes[s_key] if s_key not in seen else 0
+                seen.update((w_key, s_key))
+    for k in kinds.values():
+        k["group_sizes"] = sorted(k["group_sizes"])
+    return dict(sorted(kinds.items()))
+
+
 def _storage(program, header, file_size: int, pte_path: Path) -> dict:
     """Where the .pte keeps its data, from its header and flatbuffer: the constant segment (portable-op constants:
     routed-expert codes, embeddings), the delegates' named data (XNNPACK's weights), the delegate payloads, and any
@@ -271,6 +364,40 @@ def _shapes(items) -> str:
     return ", ".join(f"{d} {list(s)} x{n}" for (d, s), n in counts.items())
 
 
+def _quantized_notes(facts: dict) -> list[str]:
+    """--quantize: the low-bit linears in XNNPACK's payloads and the stored embedding table."""
+    notes = []
+    for kind, q in facts["quantized_linears"].items():
+        where = ", ".join(f"{m} x{n}" for m, n in sorted(q["count"].items()))
+        notes.append(f"quantized linears, XNNPACK {kind}: {sum(q['count'].values())} fully-connected operators "
+                     f"({where}); {q['weights']} weights stored in {q['weight_bytes']} bytes "
+                     f"({q['weight_bytes'] * 8 / max(q['weights'], 1):.2f} bits/weight) + {q['scale_bytes']} bytes "
+                     f"for {q['scales']} scales, groups of {'/'.join(map(str, q['group_sizes']))} inputs")
+    ops = facts["kernels"]["executorch_quantized_ops"]
+    if any(EMBEDDING in methods for methods in ops.values()):
+        notes.append(f"quantized embedding: token_embedding stores {_shapes(facts['embedding_constants'])} "
+                     f"({sum(c['bytes'] for c in facts['embedding_constants'])} bytes) and gathers the rows of its "
+                     "tokens with ExecuTorch's quantized embedding kernel")
+    return notes
+
+
+def render_deviations(facts: dict) -> list[str]:
+    """Where the lowered kernels depart from the reference, worded from `facts`: XNNPACK's dynamically quantized
+    linears (int8 per-token activations) and blockwise scales stored in 2 bytes (bf16) instead of fp32."""
+    out = []
+    for kind, q in facts["quantized_linears"].items():
+        if kind.startswith("qd8-"):
+            where = ", ".join(f"{m} x{n}" for m, n in sorted(q["count"].items()))
+            out.append(f"activation quantization: {sum(q['count'].values())} linears ({where}) run as XNNPACK {kind} "
+                       "operators, which quantize their input to int8 per token (asymmetric, scale and zero point "
+                       "chosen at run time); the reference multiplies the fp32 input by the dequantized weight")
+        if q["scales"] and q["scale_bytes"] < 4 * q["scales"]:
+            out.append(f"weight scales: the {q['scales']} scales of the {kind} weights take {q['scale_bytes']} bytes "
+                       f"in the .pte ({q['scale_bytes'] / q['scales']:.0f} bytes each: XNNPACK's bf16 blockwise "
+                       "scales); the reference's are fp32")
+    return out
+
+
 def render_notes(facts: dict, routed_weights: int) -> list[str]:
     """The report's sentences, each worded from `facts` alone."""
     r = facts["routed_experts"]
@@ -292,6 +419,11 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
     else:
         notes.append("kernels: portable ATen ops and XNNPACK only (--android-kernels portable): runs in any ExecuTorch "
                      "runtime, without our kernel library")
+    if k["executorch_quantized_ops"]:
+        ops = "; ".join(f"{op} ({', '.join(methods)})" for op, methods in k["executorch_quantized_ops"].items())
+        notes.append(f"kernels: the .pte calls ExecuTorch's quantized kernels library's {ops}: the runtime must link "
+                     "it (quantized_ops_lib, as ExecuTorch's LLM runners do; the verification loads the wheel's)")
+    notes.extend(_quantized_notes(facts))
     other = r["read_other_than_by_topk_gather"]
     if r["constants"] and not other:
         notes.append(f"routed-expert reads: all {len(r['constants'])} routed-expert constants are read only by "
