@@ -79,7 +79,7 @@ def load_model(model_dir: str | Path, quantization: QuantSpec | None = None) -> 
         module_name, _, leaf = name.rpartition(".")
         if module_name in quantized and leaf == "weight":
             module = quantized[module_name]
-            q, scale = semantics.quantize_weight(weight, module.bits, module.group_size)
+            q, scale = _quantized_rows(weight, module.bits, module.group_size)
             weights[f"{module_name}.qweight"], weights[f"{module_name}.qscale"] = q, scale
             del weight
             continue
@@ -98,6 +98,21 @@ def load_model(model_dir: str | Path, quantization: QuantSpec | None = None) -> 
     model.load_state_dict(weights, assign=True, strict=True)
     model.inv_freq = rope_frequencies(cfg)[0]   # a non-persistent buffer (not in the files), built on meta above
     return model.eval()
+
+
+QUANTIZE_ROWS = 4096   # rows quantized at a time: the quantizer's float temporaries stay small (a vocabulary is 150k)
+
+
+def _quantized_rows(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`semantics.quantize_weight` a block of rows at a time (its groups never span rows, so the result is the same):
+    a 151936 x 2048 embedding would otherwise hold four 1.2 GB float temporaries at once."""
+    out, k = weight.shape
+    q = torch.empty(out, k, dtype=torch.int8)
+    scale = torch.empty(out, k // group_size)
+    for start in range(0, out, QUANTIZE_ROWS):
+        rows = slice(start, start + QUANTIZE_ROWS)
+        q[rows], scale[rows] = semantics.quantize_weight(weight[rows], bits, group_size)
+    return q, scale
 
 
 def quantize_modules(model, spec: QuantSpec, state, file_names, model_dir: Path) -> dict[str, QuantizedLinear]:

@@ -43,3 +43,14 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):    # not glibc: the memory is still free for this process to reuse
         pass
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), None where there is none."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

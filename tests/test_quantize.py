@@ -113,6 +113,16 @@ def test_loader_quantizes_the_chosen_parts_as_it_reads(model_dir):
     assert torch.equal(model.lm_head.qweight, q) and torch.equal(model.model.embed_tokens.qweight, q)
 
 
+def test_quantizing_a_block_of_rows_at_a_time_changes_nothing(model_dir, monkeypatch):
+    import mote.export.loader as loader
+
+    whole = load_model(model_dir, parse("int4"))
+    monkeypatch.setattr(loader, "QUANTIZE_ROWS", 7)       # the example's 260-row embedding in 38 blocks
+    blocks = load_model(model_dir, parse("int4"))
+    for (name, a), (_, b) in zip(whole.state_dict().items(), blocks.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_group_that_does_not_divide_a_width_is_refused_before_reading(model_dir):
     with pytest.raises(InputError, match=r"group 256 does not divide the input width 64 of 'model.embed_tokens'"):
         load_model(model_dir, parse("embed=int8,group=256"))

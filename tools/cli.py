@@ -189,8 +189,10 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     output.check()
     output.remove_stale_staging()
     get_target(args.target).preflight(args.target_options, verify=not args.no_verify)
-    fp32_record = None
+    fp32_record = effect_skipped = None
     if args.quantization is not None and not args.no_verify:
+        effect_skipped = fp32_reference_unaffordable(args.model_dir)
+    if args.quantization is not None and not args.no_verify and effect_skipped is None:
         # The quantization's own effect is measured against the fp32 model, loaded and run first and released
         # before the quantized one is loaded: the two never hold their weights at the same time.
         with progress.step("fp32_reference", "running the fp32 PyTorch reference (the quantization's baseline)"):
@@ -263,6 +265,8 @@ def run(args, console: Console | None = None, argv=None) -> dict:
                 # The quantized reference against the fp32 one (DESIGN.md section 6): the quantization's own effect;
                 # `numerics` compares the artifact with the quantized reference.
                 "effect": quantization_effect}
+            if effect_skipped is not None:
+                report["quantization"]["effect_skipped"] = effect_skipped
         if args.no_verify:
             report["verify"] = "skipped"
             report["numerics"] = {}
@@ -300,6 +304,27 @@ def size_facts(lowered, artifact_bytes: int) -> dict:
     fp32 = artifact_bytes - lowered.routed_expert_bytes + 4 * lowered.routed_expert_weights
     return {"artifact_bytes": artifact_bytes, "fp32_experts_estimate_bytes": fp32,
             "ratio_to_fp32_experts_estimate": round(artifact_bytes / max(fp32, 1), 4)}
+
+
+# The fp32 reference's peak over its weights (measured on the 0.5B shape: the loader's conversion buffers and the
+# allocator's free lists): it is run only where that much memory is available.
+FP32_REFERENCE_HEADROOM = 1.6
+
+
+def fp32_reference_unaffordable(model_dir: Path) -> str | None:
+    """Why the fp32 reference (the quantization's baseline) is not run, or None when it fits: its weights as the
+    memory plan counts them (dense fp32, routed experts packed) times FP32_REFERENCE_HEADROOM against the memory
+    available now. At the 3B shape it does not fit in 24 GB, which is what --quantize is for."""
+    from mote.export.config import load_config
+    from mote.export.memory import available_bytes
+    from mote.export.memory_plan import plan
+
+    need = plan(load_config(model_dir)).total("exported") * FP32_REFERENCE_HEADROOM
+    available = available_bytes()
+    if available is None or need <= available:
+        return None
+    return (f"the fp32 reference would need about {need / 2**30:.1f} GiB ({FP32_REFERENCE_HEADROOM}x its "
+            f"{need / FP32_REFERENCE_HEADROOM / 2**30:.1f} GiB of weights), {available / 2**30:.1f} GiB are available")
 
 
 def memory_plan_facts(config, quantization, max_seq_len: int, artifact_bytes: int) -> dict:
@@ -369,6 +394,8 @@ def summary(report: dict) -> str:
         rows.append(("quantized", parts + (f"; vs the fp32 reference: decoder SQNR "
                                            f"{effect['text_decoder']['sqnr_db']:.1f} dB, greedy "
                                            f"{effect['text_decoder']['greedy_match']}" if effect else "")))
+        if "effect_skipped" in quant:
+            rows.append(("quantization effect", f"not measured: {quant['effect_skipped']}"))
     rows += [("deviation", d) for d in report.get("deviations", [])]
     unknown = report.get("model", {}).get("unknown_special_ids")
     if unknown:
