@@ -1,6 +1,7 @@
 """ios target, what only Core ML packages have: the KV cache as states, a dynamic T, the routed experts as uint8 2-bit
-codes in the weight blobs (counted here through coremltools' own reader, not the report's), the metadata Xcode
-shows, the fp32 compute precision, and Core ML's own runtime where one exists (macOS). Everything every target must
+codes in the weight blobs (counted here through coremltools' own reader, not the report's), `--quantize` weights as
+int4 / int8 `constexpr_blockwise_shift_scale` data and int8 embedding rows, the metadata Xcode shows, the fp32
+compute precision, and Core ML's own runtime where one exists (macOS). Everything every target must
 do (verification, captions, KV cache, atomic failure, determinism, storage figure) is in test_targets.py; the
 exports are shared with it (runtime_tests/conftest.py).
 
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 
 from mote.export.loader import load_model, save_model
+from mote.export.model import QuantizedEmbedding, QuantizedLinear
+from mote.export.quantization import parse
 from mote.targets import get_target
 from mote.tools.make_random_model import random_config, random_model
 
@@ -100,6 +103,58 @@ def test_routed_experts_are_uint8_codes_in_the_weight_blobs(shared, request):
     # every gather of the routed constants is indexed by the router's choice (argsort of the chosen experts)
     gathers = report["facts"]["programs"]["text_decoder"]["routed_experts"]["gathers"]
     assert gathers == {"chosen_by_router": 6 * len(moe.moe_layers)}
+
+
+def _program_of(module_name: str) -> str:
+    if module_name.startswith(("vision_tower.", "multi_modal_projector.")):
+        return "vision_encoder"
+    return "token_embedding" if module_name == "model.embed_tokens" else "text_decoder"
+
+
+def _blockwise_data(package):
+    """(data dtype, data values) of every constexpr_blockwise_shift_scale, as coremltools' own loader reads them."""
+    from coremltools.converters.mil.mil import types
+
+    from mote.targets.coreml.mil_executor import load_program
+
+    return [(types.builtin_to_string(op.data.dtype), np.asarray(op.data.val, dtype=np.int8))
+            for op in load_program(package).functions["main"].operations
+            if op.op_type == "constexpr_blockwise_shift_scale"]
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8"])
+def test_quantized_weights_are_low_bit_constexprs_in_the_weight_blobs(spec, example, exported):
+    """--quantize on the example: each quantized linear of the loaded model is one constexpr_blockwise_shift_scale
+    whose int4 / int8 data are its values; the embedding is an int8 table gathered by token; the weight blobs shrink
+    by exactly what the low-bit storage saves over the fp16 weights of the export without --quantize (up to the
+    extra blob headers); the report's figures are the ones read here."""
+    from mote.targets.coreml.report import weights_path
+
+    out, report = exported("ios", example.model_dir, "--quantize", spec)
+    plain, _ = example.export("ios")
+    model = load_model(example.model_dir, parse(spec))
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for program in ("vision_encoder", "token_embedding", "text_decoder"):
+        stored = _blockwise_data(out / f"{program}.mlpackage")
+        linears = [m for n, m in modules.items() if _program_of(n) == program and not isinstance(m, QuantizedEmbedding)]
+        assert len(stored) == len(linears), program
+        for m in linears:      # each weight's values are one constexpr's data, at its bit width
+            assert [d for d, v in stored if np.array_equal(v, m.qweight.numpy())] == [f"int{m.bits}"], program
+        facts = report["facts"]["programs"][program]["quantized"]
+        assert sum(e["ops"] for e in facts["constexpr_blockwise_shift_scale"].values()) == len(linears)
+        assert {d: e["data_bytes"] for d, e in facts["constexpr_blockwise_shift_scale"].items()} == {
+            d: sum(m.qweight.numel() * m.bits // 8 for m in linears if f"int{m.bits}" == d) for d, _ in stored}
+    (embed,) = [m for m in modules.values() if isinstance(m, QuantizedEmbedding)]
+    tables = {c.dtype: c for c in _consts(out / "token_embedding.mlpackage") if c.ndim == 2 and c.shape[0] ==
+              embed.qweight.shape[0]}
+    np.testing.assert_array_equal(tables[np.dtype(np.int8)], embed.qweight.numpy())
+    assert not [c for c in tables.values() if c.dtype.kind == "f" and c.shape == tuple(embed.qweight.shape)]
+    # fp16 weights in the plain export -> bits / 8 bytes + fp16 scales here; each extra blob costs a 64-byte header
+    blob_bytes = lambda d: sum(weights_path(p).stat().st_size for p in d.glob("*.mlpackage"))   # noqa: E731
+    saved = sum(m.qweight.numel() * (2 - m.bits / 8) - 2 * m.qscale.numel() for m in modules.values())
+    assert 0 <= saved - (blob_bytes(plain) - blob_bytes(out)) <= 128 * len(modules)
+    assert report["facts"]["quantized_bytes"] == sum(m.qweight.numel() * m.bits // 8 + 2 * m.qscale.numel()
+                                                     for m in modules.values())
 
 
 def test_package_bytes_do_not_depend_on_the_process(example, tmp_path):

@@ -13,6 +13,11 @@ Neural Engine; elsewhere they are decompressed at load, to fp16 (8x the 2-bit si
 constants the program gathers from (no dense copy of the experts in it), and a decode step gathers only the k chosen
 experts' codes.
 
+`--quantize` (int4 and int8): each quantized linear is `linear` over Core ML's `constexpr_blockwise_shift_scale`
+(int4 / int8 data in weight.bin, scales in the program's precision, blocks along K), the quantized embedding a gather
+of int8 (or nibble-packed int4) rows by token before they are dequantized (convert.py); the report lists them by
+dtype with their bytes, read back from the saved programs (report.py).
+
 Verification on Linux: there is no Core ML runtime here, so the saved packages run in `mil_executor.MilExecutor`
 (coremltools' own per-op `value_inference` walked over the saved program, fp16 rounding per op, states as arrays);
 `MLModel.predict` is used on macOS (runtime_tests).
@@ -93,7 +98,17 @@ def model_metadata(model_dir: Path | None) -> dict:
     return {k: data[k] for k in ("author", "license", "version") if isinstance(data.get(k), str)}
 
 
-def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metadata: dict) -> None:
+def _shared_expert_kind(model) -> str:
+    """"full-precision", or the bit widths `--quantize` gave the model's shared experts (e.g. "int4-quantized")."""
+    from mote.export.model import QuantizedLinear
+
+    bits = sorted({m.bits for name, shared in model.named_modules() if name.endswith("mlp.shared_expert")
+                   for m in shared.modules() if isinstance(m, QuantizedLinear)})
+    return "/".join(f"int{b}" for b in bits) + "-quantized" if bits else "full-precision"
+
+
+def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metadata: dict,
+              quantization=None) -> None:
     """Metadata where Xcode shows it: the model's description, author, license, version, and each input, output
     and state's description."""
     from mote.tools.cli import tool_version
@@ -102,9 +117,9 @@ def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metad
     spec = mlmodel._spec
     moe = cfg.moe
     what = {"vision_encoder": "vision tower and projector", "token_embedding": "token embedding table",
-            "text_decoder": f"{cfg.num_hidden_layers}-layer decoder, MoE layers {list(moe.moe_layers)} with a "
-                            f"full-precision shared expert and {moe.num_experts} ternary routed experts (top-"
-                            f"{moe.top_k}), KV cache of {max_seq_len} positions in states"}[name]
+            "text_decoder": f"{cfg.num_hidden_layers}-layer decoder, MoE layers {list(moe.moe_layers)} with "
+                            f"{moe.num_experts} ternary routed experts (top-{moe.top_k}) and a shared expert "
+                            f"({_shared_expert_kind(model)}), KV cache of {max_seq_len} positions in states"}[name]
     mlmodel.short_description = f"MoTE {name}: {what}; compute precision {precision}"
     mlmodel.author = metadata.get("author", "")
     mlmodel.license = metadata.get("license", "")
@@ -116,6 +131,8 @@ def _describe(mlmodel, name: str, model, max_seq_len: int, precision: str, metad
     meta["mote.exporter"] = f"mote-export {tool_version()}"
     meta["mote.max_seq_len"] = str(max_seq_len)
     meta["mote.compute_precision"] = precision
+    if quantization is not None:
+        meta["mote.quantize"] = quantization.canonical
     for feature in spec.description.input:
         mlmodel.input_description[feature.name] = DESCRIPTIONS[feature.name]
     for feature in spec.description.output:
@@ -144,21 +161,22 @@ def canonical_manifest(package: Path) -> None:
     path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def to_mlpackage(ep, path: Path, name: str, model, max_seq_len: int, precision: str, metadata: dict) -> None:
+def to_mlpackage(ep, path: Path, name: str, model, max_seq_len: int, precision: str, metadata: dict,
+                 quantization=None) -> None:
     """One post-pass ExportedProgram -> an iOS 18 mlprogram package at `path`."""
     import coremltools as ct
 
     from .convert import register_converters
 
     register_converters()
-    # An empty decomposition table: ATen's default would turn index_copy into an index_put the converter refuses
-    decomposed = ep.run_decompositions({})
-    with quiet_toolchain():
+    with quiet_toolchain():     # torch's own deprecation warnings too (run_decompositions copies the program)
+        # An empty decomposition table: ATen's default would turn index_copy into an index_put the converter refuses
+        decomposed = ep.run_decompositions({})
         mlmodel = ct.convert(decomposed, minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram",
                              compute_precision=compute_precision(precision), skip_model_load=True,
                              outputs=[ct.TensorType(name=OUTPUTS[name])])
     del decomposed
-    _describe(mlmodel, name, model, max_seq_len, precision, metadata)
+    _describe(mlmodel, name, model, max_seq_len, precision, metadata, quantization)
     mlmodel.save(str(path))
     canonical_spec(path)
     canonical_manifest(path)
@@ -170,6 +188,7 @@ class CoreMLTarget(Target):
     tolerance = Tolerance(min_sqnr_db=35.0)   # fp16 programs and fp16 states (DESIGN.md section 6)
     Options = CoreMLOptions
     fp32_experts_supported = True
+    quantized_bits = (4, 8)       # constexpr_blockwise_shift_scale weights; int8 / nibble-packed int4 embedding rows
     timing_caveat = ("the MIL executor's time (numpy on this machine's CPU, walking the saved program op by op), "
                      "not Core ML's speed on a device")
 
@@ -182,7 +201,8 @@ class CoreMLTarget(Target):
         for i, (name, ep) in enumerate(programs.items()):
             progress.tick(f"{name}: Core ML conversion", i, len(programs))
             packages[name] = common.out_dir / f"{name}.mlpackage"
-            to_mlpackage(ep, packages[name], name, model, common.max_seq_len, options.compute_precision, metadata)
+            to_mlpackage(ep, packages[name], name, model, common.max_seq_len, options.compute_precision, metadata,
+                         common.quantization)
         facts = read_back(packages)
         facts["compute_precision"] = options.compute_precision
         return Lowered(artifacts=list(packages.values()), routed_expert_weights=weights,

@@ -17,6 +17,23 @@ The `mote::` ops become MIL that keeps the routed experts as their packed 2-bit 
                            and coremltools would fold a constant matrix's decode into a dense float copy
     aten.index_copy     -> scatter(mode="update") along the dim (how the KV cache states are written)
 
+Post-training quantized weights (`--quantize`; q symmetric int4 / int8, one scale per group of g along K):
+
+    mote.quantized_linear(x, q, s, b?, bits, g)
+        W = constexpr_blockwise_shift_scale(data=q as int4 | int8, scale=s [out, K/g])     no offset: symmetric
+        y = linear(x, W, b)
+    mote.quantized_embedding(tokens, q, s, bits, g)
+        rows = gather(q, tokens)                       int8 [V, d] constant, or for int4 uint8 [V, ceil(d/2)] of
+                                                       nibble pairs (lowest first) decoded by a 256 x 2 table
+        e    = cast(rows) * gather(s, tokens)          (per group of g along d): only the T gathered rows are
+                                                       dequantized; the table is a plain int8 / uint8 constant,
+                                                       with no dense float copy for Core ML to materialize
+    mote.moe_ffn with no shared weights (the shared expert quantized, outside the op): router + routed experts only
+
+The constexpr data is stored at 4 or 8 bits per weight in the package's weight.bin; its scale is given in fp32 and
+stored in the program's precision (coremltools' fp16 pass rewrites a constexpr's scale to fp16 in place, so the
+fp16 program has no run-time cast of the weight).
+
 `bitlinear(v, T, s)` is the reference's (Q8(v) . T^T) s_v s written as (Q8(v) s_v) . T^T s: the same product, but
 the matmul sees activations of the size of v instead of integers up to 127 (an fp16 program would overflow summing
 127 x 4864 at the Qwen2.5-0.5B expert width; fp16 holds at most 65504). Q8 itself is computed in fp32 even in an
@@ -25,14 +42,16 @@ fp16 program (`keeps_fp32`).
 Memory: a call decodes at most min(N * k, E) experts once each, however long the prompt (never T x k decoded
 copies); at decode (N = 1) exactly the k chosen experts' codes are read.
 
-Names: the gathers that read the routed experts are named `<node>__routed_<projection>_{codes,scale}` so that the
-report can find, in the saved program, which weight blobs hold the routed experts (`report.py`).
+Names: the gathers that read the routed experts are named `<node>__routed_<projection>_{codes,scale}`, and those
+that read a quantized embedding table `<node>__qembed_{rows,scale}`, so that the report can find, in the saved
+program, which weight blobs hold them (`report.py`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 ROUTED_TAG = "__routed_"
+QEMBED_TAG = "__qembed_"
 Q8_TAG = "__q8_"
 
 
@@ -64,12 +83,37 @@ def keeps_fp32(op) -> bool:
     return Q8_TAG in op.name
 
 
-def _decoded(mb, codes, k: int, name: str):
-    """uint8 packed codes [..., rows, ceil(K/4)] -> trits [..., rows, K] by one gather in the byte table."""
-    trits = mb.gather(x=_byte_trits(), indices=codes, axis=0, name=name)        # [..., rows, K/4, 4]
-    # every dim but the leading one (U, the gathered experts' count) is static
-    flat = mb.reshape(x=trits, shape=[-1, *[int(n) for n in codes.shape[1:-1]], 4 * codes.shape[-1]])
-    if codes.shape[-1] * 4 != k:        # K padded to a multiple of 4 with zero trits
+def _nibble_values() -> np.ndarray:
+    """[256, 2] float32: the signed int4 values of each byte's two nibbles, lowest first."""
+    nibbles = np.stack([np.arange(256) & 0xF, np.arange(256) >> 4], axis=-1)
+    return np.where(nibbles >= 8, nibbles - 16, nibbles).astype(np.float32)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """int4 values (-8..7, one per int8) [..., K] -> uint8 [..., ceil(K/2)], two per byte, lowest nibble first."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), dtype=q.dtype)], axis=-1)
+    nibbles = q.astype(np.uint8) & 0xF
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def _reshape_target(dims) -> list[int]:
+    """A reshape's shape from dims that may hold one symbolic (run-time) size, given as -1."""
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    target = [-1 if is_symbolic(d) else int(d) for d in dims]
+    if target.count(-1) > 1:
+        raise ValueError(f"cannot reshape to {list(dims)}: more than one size known only at run time")
+    return target
+
+
+def _decoded(mb, codes, table: np.ndarray, k: int, name: str):
+    """uint8 packed codes [..., ceil(K/n)] -> values [..., K] by one gather in `table` ([256, n]: the n values each
+    byte holds, lowest bits first)."""
+    per_byte = table.shape[1]
+    values = mb.gather(x=table, indices=codes, axis=0, name=name)               # [..., K/n, n]
+    flat = mb.reshape(x=values, shape=_reshape_target([*codes.shape[:-1], per_byte * codes.shape[-1]]))
+    if codes.shape[-1] * per_byte != k:        # K padded to a multiple of n with zeros
         flat = mb.slice_by_size(x=flat, begin=[0] * codes.rank, size=[-1] * (codes.rank - 1) + [k])
     return flat
 
@@ -81,15 +125,21 @@ def _bitlinear(mb, quantized, trits, scale):
     return mb.mul(x=acc, y=mb.expand_dims(x=scale, axes=[-2]))
 
 
-def _moe_block(mb, name: str, x, shared, shared_expert_gate, router, top_k: int, norm: bool, experts: int, routed):
-    """The fused block around `routed(flat, ids)` -> Y [U, N, d] (every token through each gathered expert)."""
-    d = x.shape[-1]
-    flat = mb.reshape(x=x, shape=[-1, d])                                               # [N, d]
+def _shared_expert(mb, flat, shared, shared_expert_gate):
     w_gate, w_up, w_down = shared
     out = mb.linear(x=mb.mul(x=mb.silu(x=mb.linear(x=flat, weight=w_gate)), y=mb.linear(x=flat, weight=w_up)),
                     weight=w_down)
     if shared_expert_gate is not None:
         out = mb.mul(x=mb.sigmoid(x=mb.linear(x=flat, weight=shared_expert_gate)), y=out)
+    return out
+
+
+def _moe_block(mb, name: str, x, shared, shared_expert_gate, router, top_k: int, norm: bool, experts: int, routed):
+    """The fused block around `routed(flat, ids)` -> Y [U, N, d] (every token through each gathered expert).
+    `shared` all None: the shared expert is outside the op (quantized), the block is the router and routed experts."""
+    d = x.shape[-1]
+    flat = mb.reshape(x=x, shape=[-1, d])                                               # [N, d]
+    out = None if shared[0] is None else _shared_expert(mb, flat, shared, shared_expert_gate)
     probs = mb.softmax(x=mb.linear(x=flat, weight=router), axis=-1)
     top_p, top_i = mb.topk(x=probs, k=top_k, axis=-1)                                  # [N, k]
     if norm:
@@ -106,7 +156,8 @@ def _moe_block(mb, name: str, x, shared, shared_expert_gate, router, top_k: int,
                     dtype="fp32")                                                       # [U, N, k]
     weight = mb.reduce_sum(x=mb.mul(x=match, y=top_p), axes=[-1])
     y = routed(flat, ids)                                                               # [U, N, d]
-    out = mb.add(x=out, y=mb.reduce_sum(x=mb.mul(x=mb.expand_dims(x=weight, axes=[-1]), y=y), axes=[0]))
+    routed_sum = mb.reduce_sum(x=mb.mul(x=mb.expand_dims(x=weight, axes=[-1]), y=y), axes=[0])
+    out = routed_sum if out is None else mb.add(x=out, y=routed_sum)
     return mb.reshape(x=out, shape=mb.shape(x=x), name=name)
 
 
@@ -124,7 +175,7 @@ def convert_moe_ffn(context, node):
         def gathered(proj, codes, scale, k):
             tag = f"{node.name}{ROUTED_TAG}{proj}"
             got = mb.gather(x=codes, indices=ids, axis=0, name=f"{tag}_codes")
-            return (_decoded(mb, got, k, f"{node.name}__decode_{proj}"),
+            return (_decoded(mb, got, _byte_trits(), k, f"{node.name}__decode_{proj}"),
                     mb.gather(x=scale, indices=ids, axis=0, name=f"{tag}_scale"))
 
         xq = _quantized(mb, flat, f"{node.name}_x")
@@ -154,6 +205,63 @@ def convert_moe_ffn_float(context, node):
 
     context.add(_moe_block(mb, node.name, x, (shared_gate, shared_up, shared_down), shared_expert_gate, router,
                            int(top_k.val), bool(norm.val), gate_w.shape[0], routed))
+
+
+def _constant(var, what: str, node) -> np.ndarray:
+    if var.val is None:
+        raise ValueError(f"{node.name}: the {what} of a quantized weight must be a constant of the program")
+    return var.val
+
+
+def _low_bit(q: np.ndarray, bits: int, node) -> np.ndarray:
+    """int8 storage of `bits`-bit integers -> the numpy dtype coremltools stores at `bits` bits (int4: int8 values
+    tagged as MIL int4, which the blob writer packs two per byte)."""
+    from coremltools.converters.mil.mil import types
+
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if q.min(initial=0) < low or q.max(initial=0) > high:
+        raise ValueError(f"{node.name}: quantized values outside the int{bits} range [{low}, {high}]")
+    return q.astype(types.nptype_from_builtin(types.int4)) if bits == 4 else q.astype(np.int8)
+
+
+def convert_quantized_linear(context, node):
+    """linear(x, constexpr_blockwise_shift_scale(q, s), b): Core ML's block-wise low-bit weight."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+
+    x, q, scale, bias, bits, _ = _get_inputs(context, node, expected=6)
+    weight = mb.constexpr_blockwise_shift_scale(data=_low_bit(_constant(q, "values", node), int(bits.val), node),
+                                                scale=_constant(scale, "scales", node).astype(np.float32),
+                                                name=f"{node.name}__weight")
+    extra = {} if bias is None else {"bias": bias}
+    context.add(mb.linear(x=x, weight=weight, name=node.name, **extra))
+
+
+def convert_quantized_embedding(context, node):
+    """The tokens' rows of the int8 (or nibble-packed int4) table, then their scales: see the module docstring."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.mil import types
+
+    tokens, q, scale, bits, _ = _get_inputs(context, node, expected=5)
+    q, scale = _low_bit(_constant(q, "values", node), int(bits.val), node), _constant(scale, "scales", node)
+    if tokens.dtype != types.int32:
+        tokens = mb.cast(x=tokens, dtype="int32")
+    d, groups = q.shape[1], scale.shape[1]
+    tag = f"{node.name}{QEMBED_TAG}"
+    if int(bits.val) == 8:
+        rows = mb.cast(x=mb.gather(x=q, indices=tokens, axis=0, name=f"{tag}rows"), dtype="fp32")   # [..., d]
+    else:
+        codes = mb.gather(x=_pack_nibbles(q), indices=tokens, axis=0, name=f"{tag}rows")
+        rows = _decoded(mb, codes, _nibble_values(), d, f"{node.name}__decode")
+    scales = mb.gather(x=scale.astype(np.float32), indices=tokens, axis=0, name=f"{tag}scale")   # [..., d/g]
+    if groups == 1:                 # per row: one scale broadcast over d
+        context.add(mb.mul(x=rows, y=scales, name=node.name))
+        return
+    lead = list(rows.shape[:-1])
+    grouped = mb.reshape(x=rows, shape=_reshape_target([*lead, groups, d // groups]))
+    scaled = mb.mul(x=grouped, y=mb.expand_dims(x=scales, axes=[-1]))
+    context.add(mb.reshape(x=scaled, shape=_reshape_target([*lead, d]), name=node.name))
 
 
 def convert_index_copy(context, node):
@@ -231,6 +339,8 @@ def register_converters() -> None:
 
     register_torch_op(convert_moe_ffn, torch_alias=["mote::moe_ffn"], override=True)
     register_torch_op(convert_moe_ffn_float, torch_alias=["mote_bench::moe_ffn_float"], override=True)
+    register_torch_op(convert_quantized_linear, torch_alias=["mote::quantized_linear"], override=True)
+    register_torch_op(convert_quantized_embedding, torch_alias=["mote::quantized_embedding"], override=True)
     register_torch_op(convert_index_copy, torch_alias=["index_copy"], override=True)
     register_torch_op(convert_gelu, torch_alias=["gelu"], override=True)
     register_torch_op(convert_reciprocal, torch_alias=["reciprocal"], override=True)

@@ -15,7 +15,10 @@ Precision rule, per op: fp16 run-time inputs are upcast to float32 (numpy fp16 a
 device accumulates in; ops that only move elements, LAYOUT_OPS, take them as they are), the op runs, each output is
 cast to its var's dtype (fp16 rounding, int/bool casts).
 Weights (consts) are never copied per call: numpy promotes them inside the op, except the fp16 weights of linear and
-matmul, which get one float32 copy each on first use (WIDENED_WEIGHT_OPS: the speed of a decode step).
+matmul, which get one float32 copy each on first use (WIDENED_WEIGHT_OPS: the speed of a decode step). A `constexpr_*`
+weight (e.g. `constexpr_blockwise_shift_scale`, an int4 / int8 weight with its scales) is decompressed once at load
+by coremltools' own `materialized_val_inference`, to the dtype the program declares (fp16 in an fp16 program), and
+then read like a const.
 
 Dynamic shapes: a function input with a RangeDim has a symbol for that dim in pymil. While an op runs, every input
 var whose declared shape is symbolic is re-typed to the concrete shape of its value, so value_inference code that
@@ -435,9 +438,10 @@ class MilExecutor:
         return fn(op, args, self)
 
     def _widened(self, var) -> np.ndarray:
-        """A float32 copy of an fp16 weight, made on its first use and kept (see WIDENED_WEIGHT_OPS)."""
+        """A float32 copy of an fp16 weight (a const, or a constexpr's decompressed value), made on its first use and
+        kept (see WIDENED_WEIGHT_OPS)."""
         if var.name not in self._wide:
-            self._wide[var.name] = var.val.astype(np.float32)
+            self._wide[var.name] = self._consts[var.name].astype(np.float32)
         return self._wide[var.name]
 
     def _value_inference(self, step: _Step, env: dict):
@@ -447,10 +451,11 @@ class MilExecutor:
         saved = []
         try:
             for var in step.inputs:
-                const = var.name not in env and var.val is not None
-                widened = const and step.op.op_type in WIDENED_WEIGHT_OPS and var.val.dtype == np.float16
-                if const and not widened and not isinstance(var.val, np.bool_):   # a const with its own value bound
-                    continue
+                const = var.name not in env          # a const, a folded op or a constexpr (values in self._consts)
+                widened = (const and step.op.op_type in WIDENED_WEIGHT_OPS
+                           and getattr(self._consts[var.name], "dtype", None) == np.float16)
+                if const and not widened and var.val is not None and not isinstance(var.val, np.bool_):
+                    continue                         # a const with its own value bound (a constexpr has none)
                 saved.append((var, var._sym_val, var._sym_type))
                 value = self._value(var, env)
                 if widened:

@@ -2,7 +2,7 @@
 
     facts = read_back(packages)     per program: inputs (with their shape ranges), outputs, states, the op counts,
                                     the precision the ops compute in, the routed-expert weights (from the weight
-                                    blobs) and how the program reads them
+                                    blobs) and how the program reads them, the `--quantize` weights by dtype
     notes = render_notes(facts)     sentences worded from those facts only
     deviations = render_deviations(facts)   where the programs compute in lower precision than the reference
 
@@ -10,6 +10,10 @@ The routed experts are the constants that the `__routed_` gathers of our `mote::
 (convert.py); their size is the blob's own header in `weights/weight.bin` (Core ML's blob storage: a 64-byte
 metadata record per blob, sentinel 0xDEADBEEF, dtype, size in bytes, data offset), or the immediate value's size for
 constants small enough to live in the program itself.
+
+`--quantize` weights (`quantized_weights`): the program's `constexpr_blockwise_shift_scale` ops by the dtype of
+their data (int4 / int8), with the blob bytes of data and scales and the block size along K; and the quantized
+embedding tables, the constants the `__qembed_` gathers read.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-from .convert import ROUTED_TAG
+from .convert import QEMBED_TAG, ROUTED_TAG
 
 BLOB_SENTINEL = 0xDEADBEEF
+BLOCKWISE = "constexpr_blockwise_shift_scale"
 # MIL proto data types -> bits per element (coremltools.proto.MIL_pb2.DataType)
 _BITS = {1: 8, 10: 16, 11: 32, 12: 64, 13: 16, 21: 8, 22: 16, 23: 32, 24: 64, 25: 4, 31: 8, 32: 16, 33: 32,
          34: 64, 35: 4, 36: 2, 37: 1, 38: 6, 39: 3, 40: 8, 41: 8}
@@ -71,14 +76,22 @@ class _Blobs:
         return size
 
 
-def _const_bytes(op, blobs: _Blobs) -> int:
-    value = op.attributes["val"]
-    if value.HasField("blobFileValue"):
-        return blobs.size(value.blobFileValue.offset)
+def _numel(value) -> int:
     numel = 1
     for d in _dims(value.type):
         numel *= d
-    return (numel * _BITS[value.type.tensorType.dataType] + 7) // 8
+    return numel
+
+
+def _value_bytes(value, blobs: _Blobs) -> int:
+    """A MIL value's stored bytes: its blob's (weight.bin) or its immediate value's."""
+    if value.HasField("blobFileValue"):
+        return blobs.size(value.blobFileValue.offset)
+    return (_numel(value) * _BITS[value.type.tensorType.dataType] + 7) // 8
+
+
+def _const_bytes(op, blobs: _Blobs) -> int:
+    return _value_bytes(op.attributes["val"], blobs)
 
 
 def _chosen_by_router(op, by_output, depth: int = 12) -> bool:
@@ -117,6 +130,86 @@ def routed_experts(package: Path, ops=None) -> dict:
     listed = sorted(tensors.values(), key=lambda t: t["name"])
     return {"tensors": listed, "bytes": sum(t["bytes"] for t in listed), "gathers": dict(sorted(reads.items())),
             "top_k": sorted(set(top_k))}
+
+
+def _operand(arg, by_output):
+    """The MIL value an op's input holds: bound inline (a constexpr's operands) or a const op's `val`."""
+    a = arg.arguments[0]
+    if a.WhichOneof("binding") == "value":
+        return a.value
+    source = by_output.get(a.name)
+    return source.attributes["val"] if source is not None and source.type == "const" else None
+
+
+def _blockwise(op, by_output, blobs: _Blobs, readers: dict) -> tuple[str, dict]:
+    """One constexpr_blockwise_shift_scale: (dtype of its data, what it stores)."""
+    data, scale = _operand(op.inputs["data"], by_output), _operand(op.inputs["scale"], by_output)
+    data_dims, scale_dims = _dims(data.type), _dims(scale.type)
+    return dtype_name(data.type.tensorType.dataType), {
+        "weights": _numel(data), "data_bytes": _value_bytes(data, blobs),
+        "scale_dtype": dtype_name(scale.type.tensorType.dataType), "scale_bytes": _value_bytes(scale, blobs),
+        "block": data_dims[-1] // scale_dims[-1], "along_k": data_dims[-1], "offset": "offset" in op.inputs,
+        "read_by": readers.get(op.outputs[0].name, Counter())}
+
+
+def _indexing_inputs(op, by_output, depth: int = 8) -> list[str]:
+    """The function inputs a gather's indices are computed from (casts, index wrapping) within `depth` ops."""
+    frontier, found = [a.name for a in op.inputs["indices"].arguments], set()
+    for _ in range(depth):
+        found.update(n for n in frontier if n not in by_output)
+        frontier = [a.name for n in frontier if n in by_output and by_output[n].type != "const"
+                    for arg in by_output[n].inputs.values() for a in arg.arguments if a.name]
+    return sorted(found)
+
+
+def quantized_weights(ops, blobs: _Blobs) -> dict:
+    """The program's `--quantize` weights as stored: its constexpr_blockwise_shift_scale ops by data dtype (count,
+    weights, bytes of data and scales, block sizes along K, the ops that read them) and the quantized embedding
+    tables (the constants its `__qembed_` gathers read)."""
+    by_output = {out.name: op for op in ops for out in op.outputs}
+    readers: dict[str, Counter] = {}
+    for op in ops:
+        for arg in op.inputs.values():
+            for a in arg.arguments:
+                if a.WhichOneof("binding") == "name":
+                    readers.setdefault(a.name, Counter())[op.type] += 1
+    by_dtype: dict[str, dict] = {}
+    for op in ops:
+        if op.type != BLOCKWISE:
+            continue
+        dtype, one = _blockwise(op, by_output, blobs, readers)
+        entry = by_dtype.setdefault(dtype, {"ops": 0, "weights": 0, "data_bytes": 0, "scale_bytes": 0,
+                                                  "scale_dtypes": set(), "blocks": set(), "with_offset": 0,
+                                                  "read_by": Counter()})
+        entry["ops"] += 1
+        entry["weights"] += one["weights"]
+        entry["data_bytes"] += one["data_bytes"]
+        entry["scale_bytes"] += one["scale_bytes"]
+        entry["scale_dtypes"].add(one["scale_dtype"])
+        entry["blocks"].add("channel" if one["block"] == one["along_k"] else one["block"])
+        entry["with_offset"] += one["offset"]
+        entry["read_by"].update(one["read_by"])
+    for entry in by_dtype.values():
+        entry["scale_dtypes"] = sorted(entry["scale_dtypes"])
+        entry["blocks"] = sorted(entry["blocks"], key=str)
+        entry["read_by"] = dict(sorted(entry["read_by"].items()))
+    tables = []
+    for op in ops:
+        if op.type != "gather" or not op.outputs or QEMBED_TAG not in op.outputs[0].name:
+            continue
+        value = _operand(op.inputs["x"], by_output)
+        if value is not None:
+            tables.append({"name": op.outputs[0].name, "dtype": dtype_name(value.type.tensorType.dataType),
+                           "shape": _dims(value.type), "bytes": _value_bytes(value, blobs),
+                           "indexed_by": _indexing_inputs(op, by_output)})
+    return {BLOCKWISE: dict(sorted(by_dtype.items())),
+            "embedding_tables": sorted(tables, key=lambda t: t["name"])}
+
+
+def quantized_bytes(quantized: dict) -> int:
+    """Bytes of one program's `--quantize` weights (data and scales) as `quantized_weights` found them."""
+    return (sum(e["data_bytes"] + e["scale_bytes"] for e in quantized[BLOCKWISE].values())
+            + sum(t["bytes"] for t in quantized["embedding_tables"]))
 
 
 def _feature(f) -> dict:
@@ -160,6 +253,7 @@ def read_program(package: Path) -> dict:
         "metadata": {"author": d.metadata.author, "license": d.metadata.license, "version": d.metadata.versionString,
                      "short_description": d.metadata.shortDescription},
         "routed_experts": routed_experts(package, ops),
+        "quantized": quantized_weights(ops, _Blobs(weights_path(package))),
     }
 
 
@@ -171,7 +265,8 @@ def routed_totals(per_program) -> dict:
 
 def read_back(packages: dict[str, Path]) -> dict:
     programs = {name: read_program(path) for name, path in packages.items()}
-    return {"programs": programs, "routed_experts": routed_totals(p["routed_experts"] for p in programs.values())}
+    return {"programs": programs, "routed_experts": routed_totals(p["routed_experts"] for p in programs.values()),
+            "quantized_bytes": sum(quantized_bytes(p["quantized"]) for p in programs.values())}
 
 
 def render_deviations(facts: dict) -> list[str]:
@@ -186,7 +281,46 @@ def render_deviations(facts: dict) -> list[str]:
                    "fp16 compute precision; DESIGN.md section 6's fp16 bar applies)")
     if stored16:
         out.append(f"the KV cache is held in {len(stored16)} fp16 states (iOS 18 states are fp16 only)")
+    half = sum(e["ops"] for p in facts["programs"].values() for e in p["quantized"][BLOCKWISE].values()
+               if "float16" in e["scale_dtypes"])
+    if half:
+        out.append(f"{half} quantized weights (constexpr_blockwise_shift_scale) store their scales as fp16 (the "
+                   "reference's are fp32)")
     return out
+
+
+def _blockwise_note(name: str, by_dtype: dict) -> str:
+    parts = []
+    for dtype, e in by_dtype.items():
+        blocks = "/".join("per output channel" if b == "channel" else f"blocks of {b} along K" for b in e["blocks"])
+        bits = (e["data_bytes"] + e["scale_bytes"]) * 8 / max(e["weights"], 1)
+        parts.append(f"{e['ops']} {dtype} ({e['weights']} weights in {e['data_bytes']} bytes + {e['scale_bytes']} "
+                     f"bytes of {'/'.join(e['scale_dtypes'])} scales, {blocks}: {bits:.2f} bits per weight)")
+    readers = Counter()
+    for e in by_dtype.values():
+        readers.update(e["read_by"])
+    read = ", ".join(f"{n} {kind}" for kind, n in sorted(readers.items()))
+    return f"{name}: {sum(e['ops'] for e in by_dtype.values())} {BLOCKWISE} weights: {'; '.join(parts)}; read by {read}"
+
+
+def _table_note(name: str, tables: list[dict]) -> str:
+    stored = ", ".join(f"{t['dtype']} {t['shape']} ({t['bytes']} bytes)" for t in tables)
+    by = sorted({n for t in tables for n in t["indexed_by"]})
+    how = (f"gathered by the input {', '.join(by)} before they are dequantized (only the call's rows are widened)"
+           if by and all(t["indexed_by"] for t in tables) else "gathered by indices that are no function input")
+    return f"{name}: the quantized embedding table is {len(tables)} constants, {how}: {stored}"
+
+
+def render_quantized_notes(facts: dict) -> list[str]:
+    """The `--quantize` weights of each program, as `quantized_weights` read them from the package."""
+    notes = []
+    for name, p in facts["programs"].items():
+        q = p["quantized"]
+        if q[BLOCKWISE]:
+            notes.append(_blockwise_note(name, q[BLOCKWISE]))
+        if q["embedding_tables"]:
+            notes.append(_table_note(name, q["embedding_tables"]))
+    return notes
 
 
 def render_notes(facts: dict, routed_weights: int) -> list[str]:
@@ -218,4 +352,4 @@ def render_notes(facts: dict, routed_weights: int) -> list[str]:
                 line += (f" (top-{k}): the program gathers no expert the call's tokens did not choose, beyond the "
                          "first min(T x k, E) of the argsort, and no per-token copy of an expert")
             notes.append(line)
-    return notes
+    return notes + render_quantized_notes(facts)
