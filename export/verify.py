@@ -148,7 +148,8 @@ def passed(report: dict, tol: Tolerance) -> tuple[bool, str]:
         bar = sqnr_bar(stats, tol)
         if stats["sqnr_db"] < bar:
             floor = (" (capped at the reference's own noise floor)" if bar < tol.min_sqnr_db else "")
-            return False, f"{program}: SQNR {stats['sqnr_db']:.1f} dB < {bar} dB{floor}"
+            greedy = f", greedy {stats['greedy_match']}" if "greedy_match" in stats else ""
+            return False, f"{program}: SQNR {stats['sqnr_db']:.1f} dB < {bar} dB{floor}{greedy}"
         if "greedy_match" in stats and tol.need_identical_greedy:
             m, n = stats["greedy_match"].split("/")
             if m != n:

@@ -201,3 +201,19 @@ def test_gather_block_quantized_layout(bits, group):
     got = torch.ops.mote_onnx.gather_block_quantized(tokens, repack.pack_nbits(q, bits), s, bits,
                                                      repack.nbits_block(group, 96))
     assert torch.equal(got, torch.ops.mote.quantized_embedding(tokens, q, s, bits, group))
+
+
+def test_int8_activations_sets_accuracy_level_4_and_declares_it(quantized):
+    """`--int8-activations`: every quantized linear's MatMulNBits (bits 4 / 8) at accuracy_level 4, the 2-bit
+    routed experts untouched; the report names the deviation, and the export still verifies at the 35 dB bar."""
+    out, report = quantized("int4", "--int8-activations")
+    graph, _ = _graph(out / "text_decoder.onnx")
+    levels = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            a = _attrs(node)
+            levels.setdefault(a["bits"], set()).add(a.get("accuracy_level", 0))
+    assert levels[4] == {4} and levels[8] == {4}
+    assert levels.get(2, {0}) == {0}
+    assert report["verify"] == "passed" and report["numerics"]["text_decoder"]["greedy_match"] == "32/32"
+    assert any("accuracy_level" in d and "4" in d for d in report["deviations"]), report["deviations"]

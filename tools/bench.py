@@ -1,7 +1,7 @@
 """`mote-bench --target T`: ternary vs float32 routed experts of the same model, in the target's own runtime.
 
     mote-bench --target {android,ios,onnx,tvm} [--quick] [--profile] [--quantize SPEC] [--json out.json]
-               [--threads 1 2] [--work-dir DIR] [-v]
+               [--threads 1 2] [--work-dir DIR] [-v] [the target's mote-export flags, e.g. --int8-activations]
 
 Every target of the registry is benchmarked the same way, through the target contract only (targets/base.py):
 
@@ -282,7 +282,7 @@ def quantized(model, spec: str, work: Path):
     return load_model(d, parse(spec))
 
 
-def lower(target, model, variant: str, max_seq_len: int, out_dir: Path):
+def lower(target, model, variant: str, max_seq_len: int, out_dir: Path, options=None):
     """torch.export + the pass pipeline + `target.lower` (every program of the text-only model), as mote-export
     does, without verification. Each variant exports its own (deterministic) programs: lower() rewrites them."""
     from mote.export.programs import export_programs
@@ -293,7 +293,7 @@ def lower(target, model, variant: str, max_seq_len: int, out_dir: Path):
     programs, _ = run_pipeline(programs, model.config.moe.moe_layers, verify=False)
     common = CommonOptions(model_dir=None, out_dir=out_dir, max_seq_len=max_seq_len, verify=False,
                            fp32_experts=variant == "fp32")
-    return target.lower(programs, model, common, target.Options.for_benchmark())
+    return target.lower(programs, model, common, options or target.Options.for_benchmark())
 
 
 def variant_facts(target, lowered, out_dir: Path, lower_s: float) -> dict:
@@ -314,7 +314,7 @@ def variant_facts(target, lowered, out_dir: Path, lower_s: float) -> dict:
 
 
 def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...], work: Path, log,
-                profile: bool = False, quantize: str | None = None) -> list[dict]:
+                profile: bool = False, quantize: str | None = None, options=None) -> list[dict]:
     """Lower each expert count x variant, then per thread count time all their decoders together (and profile the
     smallest expert count's)."""
     from mote.export.quantization import parse
@@ -331,7 +331,7 @@ def bench_shape(target, shape: ModelShape, mode: Mode, threads: tuple[int, ...],
             out = Path(tempfile.mkdtemp(prefix=f"{variant}-E{experts}-", dir=work))
             t0 = time.perf_counter()
             with quiet_toolchain():
-                lowered = lower(target, models[variant], variant, mode.max_seq_len, out)
+                lowered = lower(target, models[variant], variant, mode.max_seq_len, out, options)
             row[variant] = variant_facts(target, lowered, out, time.perf_counter() - t0)
             row[variant]["dense_decode_bytes"] = dense_decode_bytes(
                 model.config, parse(quantize) if quantize and variant == "ternary" else None)
@@ -383,7 +383,8 @@ def profile_decode(target, out_dir: Path, hidden: int, mode: Mode, threads: int)
 
 def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, ...] = DEFAULT_THREADS,
                   work_dir: Path | None = None, log: Callable[[str], None] | None = None,
-                  profile: bool = False, quantize: str | None = None) -> dict:
+                  profile: bool = False, quantize: str | None = None, options=None) -> dict:
+    """`options`: the target's options (default: `Options.for_benchmark()`), e.g. with its command-line flags."""
     """The whole benchmark of one target: a JSON-able dict with `target`, `settings`, `rows`, `scaling`, `notes`."""
     from mote.targets import get_target
 
@@ -396,7 +397,7 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
     rows = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-", dir=work_dir) as work:
         for shape in m.shapes:
-            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log, profile, quantize)
+            rows += bench_shape(target, shape, m, tuple(threads), Path(work), log, profile, quantize, options)
     kernels = None
     log(f"{target_name}: its own kernels alone, if it has any (target.kernel_benchmark)")
     if (timed := target.kernel_benchmark(tuple(threads), quick=mode == "quick")) is not None:
@@ -405,7 +406,7 @@ def run_benchmark(target_name: str, mode: str = "default", threads: tuple[int, .
     import torch
 
     settings = {"mode": mode, "threads": list(threads), "profile": profile, "quantize": quantize,
-                "options": target.Options.for_benchmark().as_dict(),
+                "options": (options or target.Options.for_benchmark()).as_dict(),
                 "versions": {"python": platform.python_version(), "torch": torch.__version__,
                              **target.runtime_versions()},
                 "machine": platform.machine(), "cpus": os.cpu_count(), **m.settings(),
@@ -630,7 +631,7 @@ def format_table(result: dict) -> str:
 # ------------------------------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    from mote.targets import REGISTRY
+    from mote.targets import REGISTRY, get_target
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     ap.add_argument("--target", required=True, choices=sorted(REGISTRY))
@@ -648,7 +649,16 @@ def parse_args(argv):
                     help="where the artifacts are lowered (a temporary folder in it, removed at the end; "
                          "default: the system's temporary directory)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the toolchains' own output")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--target", choices=sorted(REGISTRY))
+    known, _ = pre.parse_known_args(argv)
+    if known.target is not None:   # the target's own flags (mote-export's), on top of its benchmark options
+        get_target(known.target).Options.add_arguments(ap, known.target)
     args = ap.parse_args(argv)
+    options_class = get_target(args.target).Options
+    args.target_options = dataclasses.replace(
+        options_class.for_benchmark(), **{f.name: getattr(args, f.name) for f in options_class.cli_fields()
+                                          if getattr(args, f.name) != f.default})
     if min(args.threads) < 1:
         ap.error("--threads: counts of 1 or more")
     if args.quantize is not None:
@@ -671,7 +681,8 @@ def main(argv=None) -> int:
 
         try:
             result = run_benchmark(args.target, "quick" if args.quick else "default", tuple(args.threads),
-                                   work_dir=args.work_dir, log=log, profile=args.profile, quantize=args.quantize)
+                                   work_dir=args.work_dir, log=log, profile=args.profile, quantize=args.quantize,
+                                   options=args.target_options)
             error = None
         except Exception as e:   # one line, the toolchains' output saved aside (-v: the traceback)
             if args.verbose:

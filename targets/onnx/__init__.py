@@ -17,6 +17,7 @@ threshold the file is one serialized ModelProto (a transient copy of that model'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, T
 from .ort_format import write_canonical_ort
 from .repack import lower_to_ort_layouts
 from .report import ort_facts, ort_session_facts, read_back, render
-from .variants import to_fp32_experts, to_portable
+from .variants import to_fp32_experts, to_portable, with_int8_activations
 
 # How the routed experts are stored and run: QMoE 2-bit (default), standard ops only (--portable), or float32 MoE
 # (the benchmark's baseline).
@@ -151,6 +152,8 @@ def convert_to_ort(onnx_paths: list[Path], data_paths: list[Path] = ()) -> list[
 class OnnxOptions(TargetOptions):
     portable: bool = cli_flag(help="standard ONNX ops only (INT2 DequantizeLinear + MatMul, opset 25): for runtimes "
                                    "without com.microsoft ops; every expert is computed")
+    int8_activations: bool = cli_flag(help="--quantize's MatMulNBits at accuracy_level 4: ONNX Runtime quantizes their "
+                                           "activations to int8 (faster; a declared deviation)")
     ort: bool = True                     # also write the .ort files (ORT Mobile); the benchmark skips them
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD   # bytes of initializers
     ort_size_limit: int = DEFAULT_ORT_SIZE_LIMIT                     # bytes of initializers
@@ -158,6 +161,14 @@ class OnnxOptions(TargetOptions):
     @classmethod
     def for_benchmark(cls):
         return cls(ort=False)   # the benchmark runs the .onnx files: no .ort conversion (seconds per model)
+
+
+def _postprocess(variant: str, options: OnnxOptions):
+    """The ModelProto rewrite of the variant, then `--int8-activations`' accuracy level."""
+    steps = [f for f in (VARIANTS[variant], with_int8_activations if options.int8_activations else None) if f]
+    if not steps:
+        return None
+    return lambda model: functools.reduce(lambda m, f: f(m), steps, model)
 
 
 class OnnxTarget(Target):
@@ -180,7 +191,7 @@ class OnnxTarget(Target):
             release_memory()
             weights += lower_to_ort_layouts(ep)
             path = out_dir / f"{name}.onnx"
-            export_onnx(ep, path, decoder=name == "text_decoder", postprocess=VARIANTS[variant],
+            export_onnx(ep, path, decoder=name == "text_decoder", postprocess=_postprocess(variant, options),
                         external_data_threshold=options.external_data_threshold)
             paths.append(path)
         release_memory()

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mote.passes.ops import unpack_codes
 
 from .repack import unpack_nbits
+from .report import INT8_ACTIVATIONS_LEVEL
 
 PORTABLE_OPSET = 25
 INT_DTYPES = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
@@ -218,4 +219,21 @@ def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.opset_import[:]
     model.opset_import.extend(kept)
     model.ir_version = max(model.ir_version, 11)
+    return model
+
+
+
+def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`--int8-activations`: the quantized linears' MatMulNBits (bits 4 and 8; not the 2-bit routed experts) at
+    accuracy_level 4, where ORT's CPU kernels quantize the activations to int8 per block and use integer dot products
+    (measured here: 4-bit 1024x4096 0.20 vs 0.33 ms, 8-bit 0.2 vs 7.5 ms at level 0). A declared deviation
+    (report.py reads the level back)."""
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if attrs["bits"].i in (4, 8):
+            if "accuracy_level" in attrs:
+                node.attribute.remove(attrs["accuracy_level"])
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", INT8_ACTIVATIONS_LEVEL))
     return model
