@@ -127,7 +127,8 @@ def test_default_export_calls_the_kernel_library(example):
     ops = {f"{o.name}.{o.overload}" for o in plans["text_decoder"].operators}
     assert "mote::routed_experts.out" in ops and "aten::index_select.out" not in ops, ops
     assert report["facts"]["kernels"] == {"library_ops": {"mote::routed_experts.out": ["text_decoder"]},
-                                         "library_version": kernel_library.KERNELS_VERSION}
+                                         "library_version": kernel_library.KERNELS_VERSION,
+                                         "executorch_quantized_ops": {}}
     runner = get_target("android").runner(out, report["max_seq_len"])
     assert runner.constant(kernel_library.VERSION_METHOD) == kernel_library.KERNELS_VERSION
     assert any("our kernel library's mote::routed_experts.out" in n for n in report["notes"])
@@ -142,5 +143,6 @@ def test_portable_kernels_option_needs_no_library(exported, example):
     plans = {plan.name: plan for plan in _pte_program(out / "model.pte").execution_plan}
     assert not [o.name for p in plans.values() for o in p.operators if o.name.startswith("mote")]
     assert "get_mote_kernels_version" not in plans
-    assert report["facts"]["kernels"] == {"library_ops": {}, "library_version": None}
+    assert report["facts"]["kernels"] == {"library_ops": {}, "library_version": None,
+                                         "executorch_quantized_ops": {}}
     assert any(n.startswith("kernels: portable ATen ops") for n in report["notes"])

@@ -151,7 +151,8 @@ def test_android_report_is_read_from_the_pte(make_model_dir, tmp_path, kernels):
     assert f"{counted} bytes for {weights} weights" in notes
     if kernels == "portable":
         assert facts["activations"]["text_decoder_round_ops"] == 2   # expert input (gate + up share it), down input
-        assert facts["kernels"] == {"library_ops": {}, "library_version": None}
+        assert facts["kernels"] == {"library_ops": {}, "library_version": None,
+                                          "executorch_quantized_ops": {}}
         assert "read only by aten.index_select on the experts the router's top-k chose" in notes
     else:   # the rounding happens inside the kernel, which only the chosen experts' codes reach
         assert facts["activations"]["text_decoder_round_ops"] == 0
