@@ -14,26 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-ct = pytest.importorskip("coremltools")
+pytest.importorskip("coremltools")
 
 from mote.export.semantics import quantize_weight  # noqa: E402
 from mote.export.verify import sqnr_db  # noqa: E402
 from mote.passes.ops import pack_trits  # noqa: E402
-from mote.targets.coreml import compute_precision  # noqa: E402
-from mote.targets.coreml.convert import register_converters  # noqa: E402
 from mote.targets.coreml.mil_executor import MilExecutor, load_program  # noqa: E402
 from mote.targets.coreml.report import BLOCKWISE, read_program  # noqa: E402
 
+from .test_coreml_convert import convert  # noqa: E402  (export, decompose, ct.convert, save)
+
 BARS = {"fp32": 60.0, "fp16": 35.0}
-
-
-def convert(module, args, path, precision, dynamic_shapes=None):
-    register_converters()
-    ep = torch.export.export(module.eval(), tuple(args), dynamic_shapes=dynamic_shapes)
-    mlmodel = ct.convert(ep.run_decompositions({}), minimum_deployment_target=ct.target.iOS18,
-                         compute_precision=compute_precision(precision), skip_model_load=True)
-    mlmodel.save(str(path))
-    return path
 
 
 def run(path, value):
