@@ -25,6 +25,7 @@ import torch
 from .config import MoteConfig
 from .loader import quantize_modules
 from .model import MoteForConditionalGeneration, QuantizedLinear, TernaryLinear
+from .programs import DEFAULT_MAX_SEQ_LEN
 from .quantization import QuantSpec, part_of
 
 PARTS = ("embed", "attn", "shared", "routed", "router", "lm_head", "vision", "other")
@@ -33,7 +34,6 @@ LABELS = {"embed": "embeddings", "attn": "attention", "shared": "shared experts 
           "other": "norms / other"}
 EMBEDDING_PARTS = ("embed", "lm_head")
 FP16, FP32 = 2, 4
-DEFAULT_MAX_SEQ_LEN = 128       # mote-export's default: min(128, max positions)
 
 # The paper's introduction: a 16-expert fp16 MoE-LLaVA on Qwen2.5-3B raises non-embedding memory from 5.2 GB to
 # 73.2 GB (GiB, as the arithmetic below shows).

@@ -20,6 +20,7 @@ from torch.export import Dim, ExportedProgram
 from .model import MoteForConditionalGeneration
 
 PROGRAMS = ("vision_encoder", "token_embedding", "text_decoder")
+DEFAULT_MAX_SEQ_LEN = 128   # mote-export's KV-cache length without --max-seq-len (capped at the max positions)
 
 
 class KVCacheStyle(enum.Enum):

@@ -13,13 +13,12 @@ from __future__ import annotations
 from mote.export.errors import PipelineError
 
 from .fuse_quantized_linear import missed
+from .ops import QUANTIZED_OPS
 from .program import spec_for
 
 
 def check_quantized(programs: dict) -> dict[str, int]:
     """{program: quantized ops} after the pipeline; PipelineError at the first dequantized weight left."""
-    from .ops import QUANTIZED_OPS
-
     counts = {}
     for name, ep in programs.items():
         for dq, why in missed(ep):

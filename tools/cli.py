@@ -146,6 +146,13 @@ def parse_args(argv):
     return args
 
 
+def default_max_seq_len(args, config) -> int:
+    """--max-seq-len, else min(DEFAULT_MAX_SEQ_LEN, the model's max positions)."""
+    from mote.export.programs import DEFAULT_MAX_SEQ_LEN
+
+    return args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
+
+
 def verification_inputs(args, model):
     """The prompt (a `Prompt`: token ids, special ids, `source`) + image every program is checked on: the model's
     shipped sample (prompt.txt, sample.png) through its own tokenizer and image preprocessing, else a fixed
@@ -189,7 +196,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     output.check()
     output.remove_stale_staging()
     get_target(args.target).preflight(args.target_options, verify=not args.no_verify)
-    fp32_record = effect_skipped = None
+    fp32_record = effect_skipped = inputs = None
     if args.quantization is not None and not args.no_verify:
         effect_skipped = fp32_reference_unaffordable(args.model_dir)
     if args.quantization is not None and not args.no_verify and effect_skipped is None:
@@ -197,17 +204,17 @@ def run(args, console: Console | None = None, argv=None) -> dict:
         # before the quantized one is loaded: the two never hold their weights at the same time.
         with progress.step("fp32_reference", "running the fp32 PyTorch reference (the quantization's baseline)"):
             fp32_model = load_model(args.model_dir)
-            fp32_max_seq_len = args.max_seq_len or min(128, fp32_model.config.max_position_embeddings)
-            prompt, pixel_values, _ = verification_inputs(args, fp32_model)
-            fp32_record = record_reference(EagerRunner(fp32_model, fp32_max_seq_len), prompt, pixel_values)
+            inputs = verification_inputs(args, fp32_model)   # the same config: reused for the quantized model
+            fp32_record = record_reference(EagerRunner(fp32_model, default_max_seq_len(args, fp32_model.config)),
+                                           *inputs[:2])
             del fp32_model
     with progress.step("load", f"loading {args.model_dir}" + (f" (--quantize {args.quantize}: quantized as read)"
                                                               if args.quantization else "")):
         model = load_model(args.model_dir, args.quantization)
     config = model.config
     target = get_target(args.target)
-    max_seq_len = args.max_seq_len or min(128, config.max_position_embeddings)
-    prompt, pixel_values, image_file = verification_inputs(args, model)
+    max_seq_len = default_max_seq_len(args, config)
+    prompt, pixel_values, image_file = inputs or verification_inputs(args, model)
     reference = quantization_effect = None
     if not args.no_verify:
         # Once, now: the reference's outputs are kept (a few MB) and the model need not outlive the lowering.

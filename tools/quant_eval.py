@@ -85,7 +85,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", action="append", default=None, help="a --quantize spec (repeatable)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = evaluate(a.model_dir, a.quantize or ["int8", "int4"])
     print(table(rows))
     if a.json:
