@@ -30,6 +30,8 @@ Adding a target (the guide):
    - `quantized_bits`: the weight bit widths of `--quantize` (`mote.quantized_linear` / `mote.quantized_embedding`)
      its lowering takes to the runtime's own low-bit kernels; a spec needing others is refused (exit 2), never
      left in fp32;
+   - `check_quantization(spec, options)`: optional, why a `--quantize` spec cannot be lowered with these options
+     (checked with the command line; exit 2), else None;
    - `timing_caveat`: None where `runner` is the deployment runtime itself; else what its timings measure instead
      (`mote-bench` prints it with the latencies).
 2. One line in `REGISTRY` (`targets/__init__.py`).
@@ -213,6 +215,11 @@ class Target:
     fp32_experts_supported: ClassVar[bool] = False
     quantized_bits: ClassVar[tuple[int, ...]] = ()
     timing_caveat: ClassVar[str | None] = None
+
+    def check_quantization(self, spec, options: TargetOptions) -> str | None:
+        """Why `--quantize` `spec` (export.quantization.QuantSpec) cannot be lowered with `options`, or None;
+        checked with the command line, before any weight is read. The default accepts what `quantized_bits` allows."""
+        return None
 
     def preflight(self, options: TargetOptions, verify: bool = True) -> None:
         """Check what lowering with `options` (and, with `verify`, running the artifact) needs from this machine

@@ -143,6 +143,9 @@ def parse_args(argv):
             have = ", ".join(f"int{b}" for b in supported) or "no quantized weights yet"
             raise UsageError(f"--quantize {args.quantize}: --target {known.target} does not lower "
                              f"{', '.join(f'int{b}' for b in missing)} weights (it lowers: {have})")
+        refused = get_target(known.target).check_quantization(args.quantization, args.target_options)
+        if refused:
+            raise UsageError(f"--quantize {args.quantize}: {refused}")
     return args
 
 

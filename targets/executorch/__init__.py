@@ -9,10 +9,11 @@ linears) is delegated to XNNPACK in fp32. The routed experts run in our own kern
 every runner: kernel_library.py) as one `mote::routed_experts.out` call per block on the 2-bit codes; with
 `--android-kernels portable` they are portable ATen ops that gather only the selected experts' packed bytes instead.
 
-`--quantize` (quantized.py): each quantized linear becomes one of XNNPACK's dynamically quantized fully-connected
-operators on our low-bit weights (qd8-f32-qb4w for int4 groups, qd8-f32-qc8w for int8 per channel: int8 per-token
-activations, a declared deviation verified at 35 dB), the quantized embedding ExecuTorch's embedding_byte /
-embedding_4bit kernel (its quantized kernels library, which every runner loads).
+`--quantize` (quantized.py): each quantized linear becomes one call of our kernel library's weight-only linear on
+the low-bit weights (fp32 activations: the reference's numerics); with `--int8-activations` one of XNNPACK's
+dynamically quantized fully-connected operators instead (qd8-f32-qb4w for int4 groups, qd8-f32-qc8w for int8 per
+channel: int8 per-token activations, a declared deviation verified at 35 dB). The quantized embedding is ExecuTorch's
+embedding_byte / embedding_4bit kernel (its quantized kernels library, which every runner loads).
 """
 from __future__ import annotations
 
@@ -67,13 +68,14 @@ def constant_methods(model, max_seq_len: int, special_ids=None, kernels: str = "
 
 
 def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False, special_ids=None,
-           fast_partitioning: bool = True, kernels: str = "fused"):
+           fast_partitioning: bool = True, kernels: str = "fused", int8_activations: bool = False):
     """ExportedPrograms (after the pass pipeline) -> ExecuTorch program manager.
 
     `float_experts` builds the benchmark's fp32 baseline: the same routing over float32 expert weights (fused: our
     library's fp32 kernel; portable: the same gather structure).
     `fast_partitioning=False` runs ExecuTorch's delegation exactly as shipped (see partitioning.py; tests compare).
     `kernels`: "fused" (our kernel library runs the routed experts) or "portable" (ATen ops only), see decompose.py.
+    `int8_activations`: --quantize's linears as XNNPACK's dynamically quantized operators (else our weight-only kernel).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -90,7 +92,7 @@ def to_pte(programs: dict, model, max_seq_len: int, float_experts: bool = False,
         for i, (name, ep) in enumerate(programs.items()):
             progress.tick(f"{name}: mote:: ops to ATen", i, steps)
             decomposed[name] = ep.run_decompositions(DECOMPOSITIONS[kernels])
-            lower_quantized_ops(decomposed[name], name)
+            lower_quantized_ops(decomposed[name], name, int8_activations)
         edge = to_edge_transform_and_lower(
             decomposed, partitioner=[_reporting(XnnpackPartitioner(), n, steps)],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
@@ -166,6 +168,10 @@ class ExecuTorchOptions(TargetOptions):
         "fused", choices=tuple(DECOMPOSITIONS),
         help="fused (default): the routed experts run in our ExecuTorch kernel library, which the app links (README); "
              "portable: ATen ops only, for runtimes that cannot link custom kernels (several times slower)")
+    int8_activations: bool = cli_flag(
+        help="--quantize's linears as XNNPACK's qd8 operators, which quantize their input to int8 per token (faster "
+             "on 2+ threads; a declared deviation verified at 35 dB) instead of our weight-only kernel; needed with "
+             "--android-kernels portable")
     # ExecuTorch's delegation exactly as shipped when False (slow at real sizes; tests compare the two).
     fast_partitioning: bool = True
 
@@ -178,6 +184,12 @@ class ExecuTorchTarget(Target):
     fp32_experts_supported = True
     quantized_bits = (4, 8)
 
+    def check_quantization(self, spec, options: ExecuTorchOptions) -> str | None:
+        if options.android_kernels == "portable" and not options.int8_activations:
+            return ("--android-kernels portable runs quantized linears only as XNNPACK's int8-activation operators: "
+                    "add --int8-activations, or use the (default) fused kernels")
+        return None
+
     def preflight(self, options: ExecuTorchOptions = ExecuTorchOptions(), verify: bool = True) -> None:
         if options.android_kernels == "fused" and verify:
             kernel_library.load()     # verification runs the .pte: the library must load here (exit 2 if not)
@@ -185,7 +197,7 @@ class ExecuTorchTarget(Target):
     def lower(self, programs, model, common: CommonOptions, options: ExecuTorchOptions = ExecuTorchOptions()) -> Lowered:
         weights = routed_expert_weights(programs["text_decoder"])
         edge, et = to_pte(programs, model, common.max_seq_len, common.fp32_experts, common.special_ids,
-                          options.fast_partitioning, options.android_kernels)
+                          options.fast_partitioning, options.android_kernels, options.int8_activations)
         path = common.out_dir / PTE_NAME
         progress.tick(f"writing {PTE_NAME}", 2 * len(programs) + 1, 2 * len(programs) + 2)
         # Streamed piece by piece: `et.buffer` would first join the whole program (2.8 GB at the 0.5B shape) in memory.

@@ -19,7 +19,7 @@ from mote.export.errors import InputError
 
 # The version of the ops' contract the exporter emits (kernels/src/mote_ternary.h: kKernelsVersion). A `.pte` records
 # the version it needs as the constant method VERSION_METHOD; a library of another version is refused at load time.
-KERNELS_VERSION = 1
+KERNELS_VERSION = 2
 VERSION_METHOD = "get_mote_kernels_version"
 LIBRARY_NAME = "libmote_executorch_kernels.so"
 QUANTIZED_LIBRARY_NAME = "libexecutorch_kernels_quantized.so"   # in the executorch wheel's lib/

@@ -11,12 +11,16 @@ import torch
 from mote.passes import ops as _mote_ops  # noqa: F401  (defines mote::ternary_linear)
 from mote.targets import lowering as _lowering  # noqa: F401  (defines mote::routed_experts, mote_bench::...)
 
+from . import quantized as _quantized  # noqa: F401  (defines mote::packed_quantized_linear)
+
 OUT_SCHEMAS = {
     ("mote", "routed_experts"): "routed_experts.out(Tensor x, Tensor top_p, Tensor top_i, Tensor gate_packed, "
                                 "Tensor gate_scale, Tensor up_packed, Tensor up_scale, Tensor down_packed, "
                                 "Tensor down_scale, *, Tensor(a!) out) -> Tensor(a!)",
     ("mote", "ternary_linear"): "ternary_linear.out(Tensor x, Tensor packed, Tensor scale, SymInt in_features, *, "
                                 "Tensor(a!) out) -> Tensor(a!)",
+    ("mote", "packed_quantized_linear"): "packed_quantized_linear.out(Tensor x, Tensor packed, Tensor scale, "
+                                         "Tensor? bias, SymInt bits, SymInt group_size, *, Tensor(a!) out) -> Tensor(a!)",
     ("mote_bench", "routed_experts_float"): "routed_experts_float.out(Tensor x, Tensor top_p, Tensor top_i, "
                                             "Tensor gate_w, Tensor up_w, Tensor down_w, *, Tensor(a!) out) "
                                             "-> Tensor(a!)",

@@ -1,8 +1,9 @@
 """What report.json says about a `.pte`, read back from the file and from the ExecuTorch program it was emitted from.
 
     facts = read_back(pte_path, et_manager)      routed-expert storage, how the experts are read, KV cache,
-                                                  activation quantization, the quantized linears in XNNPACK's
-                                                  payloads and the quantized embedding table (--quantize)
+                                                  activation quantization, the quantized linears (XNNPACK's
+                                                  payloads or our kernel's calls) and the quantized embedding
+                                                  table (--quantize)
     facts["delegation"] = delegation_summary(edge)
     notes = render_notes(facts, routed_weights)   sentences worded from those facts only
     deviations = render_deviations(facts)         where the kernels depart from the reference, from the facts
@@ -160,7 +161,9 @@ def _activation_quantization(et) -> dict:
                 if node.op != "call_function":
                     continue
                 kind = op_kind(node.target)
-                if "quantize" in kind or "choose_qparams" in kind:
+                # quantize / dequantize / choose_qparams of activations (not the quantized kernels: embedding_byte,
+                # our packed_quantized_linear, whose weights only are low-bit)
+                if kind.rsplit(".", 1)[-1].startswith(("quantize", "dequantize", "choose_qparams")):
                     ops[kind] += 1
                 if method == DECODER and kind == "aten.round":
                     rounds += 1
@@ -205,7 +208,8 @@ def read_back(pte_path: Path, et, routed_names: set[str]) -> dict:
         "activations": _activation_quantization(et),
         "storage": _storage(program, header, file_size, pte_path),
         "kernels": kernel_facts(program),
-        "quantized_linears": xnnpack_quantized_linears(program, header, pte_path),
+        "quantized_linears": {**xnnpack_quantized_linears(program, header, pte_path),
+                              **library_quantized_linears(program, header, file_size, et)},
         "embedding_constants": [{"name": fqn, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["bytes"]}
                                 for fqn, t in embedding.items() if t["constant"]],
     }
@@ -324,8 +328,8 @@ def xnnpack_quantized_linears(program, header, pte_path: Path) -> dict:
     for method, graphs in _delegate_graphs(program, header, pte_path).items():
         for graph in graphs:
             for kind, w_key, numel, s_key, n_scales, group in _quantized_fully_connected(graph):
-                k = kinds.setdefault(kind, {"count": {}, "weights": 0, "weight_bytes": 0, "scales": 0,
-                                            "scale_bytes": 0, "group_sizes": set()})
+                k = kinds.setdefault(kind, {"kernel": "XNNPACK", "count": {}, "weights": 0, "weight_bytes": 0,
+                                            "scales": 0, "scale_bytes": 0, "group_sizes": set()})
                 k["count"][method] = k["count"].get(method, 0) + 1
                 k["weights"] += numel
                 k["scales"] += n_scales
@@ -333,6 +337,41 @@ def xnnpack_quantized_linears(program, header, pte_path: Path) -> dict:
                 k["weight_bytes"] += sizes[w_key] if w_key not in seen else 0
                 k["scale_bytes"] += sizes[s_key] if s_key not in seen else 0
                 seen.update((w_key, s_key))
+    for k in kinds.values():
+        k["group_sizes"] = sorted(k["group_sizes"])
+    return dict(sorted(kinds.items()))
+
+
+def _library_kind(bits: int, group: int, k: int) -> str:
+    """Our weight-only linear named the way XNNPACK names its kernels: f32 activations, 4-bit blockwise (qb4w) or
+    8-bit per channel (qc8w) / blockwise (qb8w) weights."""
+    return f"f32-qb{bits}w" if group != k or bits == 4 else "f32-qc8w"
+
+
+def library_quantized_linears(program, header, file_size: int, et) -> dict:
+    """The linears our kernel library's weight-only `mote::packed_quantized_linear` runs, read from each method's
+    program and the `.pte`'s constants: per kind (see `_library_kind`) the calls per method, the weights and the
+    bytes the file stores for them and their scales, and the group sizes."""
+    kinds: dict[str, dict] = {}
+    for method in et.methods:
+        ep = et.exported_program(method)
+        calls = [n for n in ep.graph.nodes if n.op == "call_function" and "packed_quantized_linear" in str(n.target)]
+        if not calls:
+            continue
+        stored = {t["placeholder"]: t for t in _serialized_tensors(program, header, file_size, ep, method).values()}
+        for node in calls:
+            x, packed, scale, _, bits, group = node.args[:6]
+            k_in = x.meta["val"].shape[-1]
+            w, s = stored[packed.name], stored[scale.name]
+            k = kinds.setdefault(_library_kind(bits, group, k_in), {
+                "kernel": "mote::packed_quantized_linear", "count": {}, "weights": 0, "weight_bytes": 0, "scales": 0,
+                "scale_bytes": 0, "group_sizes": set()})
+            k["count"][method] = k["count"].get(method, 0) + 1
+            k["weights"] += w["shape"][0] * k_in
+            k["weight_bytes"] += w["bytes"]
+            k["scales"] += s["bytes"] // 4
+            k["scale_bytes"] += s["bytes"]
+            k["group_sizes"].add(group)
     for k in kinds.values():
         k["group_sizes"] = sorted(k["group_sizes"])
     return dict(sorted(kinds.items()))
@@ -365,11 +404,13 @@ def _shapes(items) -> str:
 
 
 def _quantized_notes(facts: dict) -> list[str]:
-    """--quantize: the low-bit linears in XNNPACK's payloads and the stored embedding table."""
+    """--quantize: the low-bit linears (XNNPACK's payloads, our kernel's calls) and the stored embedding table."""
     notes = []
     for kind, q in facts["quantized_linears"].items():
         where = ", ".join(f"{m} x{n}" for m, n in sorted(q["count"].items()))
-        notes.append(f"quantized linears, XNNPACK {kind}: {sum(q['count'].values())} fully-connected operators "
+        what = ("fully-connected operators" if q["kernel"] == "XNNPACK" else
+                "calls on fp32 activations, the weights dequantized on the fly")
+        notes.append(f"quantized linears, {q['kernel']} {kind}: {sum(q['count'].values())} {what} "
                      f"({where}); {q['weights']} weights stored in {q['weight_bytes']} bytes "
                      f"({q['weight_bytes'] * 8 / max(q['weights'], 1):.2f} bits/weight) + {q['scale_bytes']} bytes "
                      f"for {q['scales']} scales, groups of {'/'.join(map(str, q['group_sizes']))} inputs")

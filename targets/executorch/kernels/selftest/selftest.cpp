@@ -4,6 +4,9 @@
 //
 //   mote_kernels_selftest                       the check: one line per instruction set, then "selftest passed"
 //   mote_kernels_selftest --bench [--threads N] [--isa NAME]
+//   mote_kernels_selftest --bench-quantized [--threads N] [--isa NAME]
+//                                               quantized_linear (int4 groups of 32, int8 per channel) against
+//                                               fp32 float_linear on the product's linear shapes, weights in DRAM
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -513,6 +516,172 @@ void check_bad_ids(Rng& rng, const std::vector<Mode>& modes, Checker& check) {
   }
 }
 
+// ---- the weight-only quantized linear
+
+// A quantized matrix in the storage of mote_ternary.h, with its integers kept for the reference.
+struct QuantCase {
+  int64_t rows, k, group;
+  int bits;
+  std::vector<int> q;          // [rows, K]
+  std::vector<uint8_t> data;   // packed
+  std::vector<float> scale, bias;
+  QuantizedMatrix w() const { return QuantizedMatrix{data.data(), scale.data(), rows, k, group, bits}; }
+};
+
+// Random integers over the whole range (the extremes -8/7 and -128/127 included), about one row in eight all zero
+// (such a row must give exactly its bias), scales of either sign.
+QuantCase random_quantized(Rng& rng, int64_t rows, int64_t k, int64_t group, int bits) {
+  QuantCase c{rows, k, group, bits, {}, {}, {}, {}};
+  const int lo = bits == 4 ? -8 : -128, levels = bits == 4 ? 16 : 256;
+  c.q.resize(rows * k);
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool zero_row = rng.below(8) == 0;
+    for (int64_t i = 0; i < k; ++i) c.q[r * k + i] = zero_row ? 0 : lo + static_cast<int>(rng.below(levels));
+  }
+  if (bits == 8) {
+    for (int v : c.q) c.data.push_back(static_cast<uint8_t>(static_cast<int8_t>(v)));
+  } else {  // spans of 32: byte i holds value i (low nibble) and value 16 + i (high nibble), each + 8
+    c.data.assign(rows * k / 2, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t span = i / 32, j = i % 32;
+        const auto nibble = static_cast<uint8_t>(c.q[r * k + i] + 8);
+        c.data[r * k / 2 + span * 16 + j % 16] |= static_cast<uint8_t>(j < 16 ? nibble : nibble << 4);
+      }
+    }
+  }
+  c.scale.resize(rows * (k / group));
+  for (float& v : c.scale) v = rng.uniform(0.001f, 0.05f) * (rng.below(8) == 0 ? -1.0f : 1.0f);
+  c.bias.resize(rows);
+  for (float& v : c.bias) v = rng.uniform(-1.0f, 1.0f);
+  return c;
+}
+
+// The spec's y in double (W[r, k] = (float)q * scale rounded to float as the spec says, then the products, exact in
+// double, summed in double) and, per output, the scale of its rounding: |bias| + sum_k |x * W|.
+void ref_quantized(const QuantCase& c, const float* x, int64_t n, bool bias, std::vector<double>& y,
+                   std::vector<double>& magnitude) {
+  y.assign(n * c.rows, 0.0);
+  magnitude.assign(n * c.rows, 0.0);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t r = 0; r < c.rows; ++r) {
+      double sum = bias ? c.bias[r] : 0.0, mag = bias ? std::fabs(c.bias[r]) : 0.0;
+      for (int64_t i = 0; i < c.k; ++i) {
+        const float w = static_cast<float>(c.q[r * c.k + i]) * c.scale[r * (c.k / c.group) + i / c.group];
+        sum += static_cast<double>(w) * x[t * c.k + i];
+        mag += std::fabs(static_cast<double>(w) * x[t * c.k + i]);
+      }
+      y[t * c.rows + r] = sum;
+      magnitude[t * c.rows + r] = mag;
+    }
+  }
+}
+
+// quantized_linear against the double reference: every output within kQuantTolerance of its own |bias| + sum |x W|
+// (a row of zeros must give its bias exactly). fp32 sums of K products in the kernels' orders came within 2.4e-7 of
+// that sum (K up to 2048); a wrong nibble, group or scale is off by a whole term of it, ~1/K at K = 2048 (5e-4).
+constexpr double kQuantTolerance = 2e-6;
+
+// The shapes the brief names: K of one span up to several prefill tiles (256 inputs) with a partial last one (896),
+// groups of 32, 64, 128 and K; int8 also groups that are no multiple of a vector. Tokens: decode (1), a
+// partial token tile (3), 12 (int8: the most the direct path takes; int4: the tiled path), the tiled path with
+// uneven token tiles (17) and more tokens than one of its chunks (40).
+struct QuantShape {
+  int bits;
+  int64_t k, group;
+};
+std::vector<QuantShape> quant_shapes() {
+  std::vector<QuantShape> shapes;
+  for (int bits : {4, 8}) {
+    for (int64_t k : {32, 96, 896, 2048}) {
+      for (int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}, k}) {
+        if (k % group != 0) continue;
+        bool seen = false;
+        for (const QuantShape& s : shapes) seen = seen || (s.bits == bits && s.k == k && s.group == group);
+        if (!seen) shapes.push_back({bits, k, group});
+      }
+    }
+  }
+  for (const QuantShape& s : std::vector<QuantShape>{{8, 100, 100}, {8, 100, 20}, {8, 1000, 5}, {8, 37, 37}}) {
+    shapes.push_back(s);
+  }
+  return shapes;
+}
+
+void check_quantized(Rng& rng, const std::vector<Mode>& modes, const QuantShape& shape, int64_t rows, int64_t n,
+                     bool with_bias, Checker& check, double& worst) {
+  const QuantCase c = random_quantized(rng, rows, shape.k, shape.group, shape.bits);
+  const std::vector<float> x = random_tokens(rng, n, shape.k);
+  std::vector<double> want, magnitude;
+  ref_quantized(c, x.data(), n, with_bias, want, magnitude);
+  const std::string what = "quantized_linear int" + std::to_string(shape.bits) + " [" + std::to_string(rows) + " x " +
+                           std::to_string(shape.k) + "] group " + std::to_string(shape.group) +
+                           " n=" + std::to_string(n) + (with_bias ? " bias" : "");
+  const QuantizedMatrix w = c.w();
+  for (const Mode& m : modes) {
+    Workspace ws(quantized_linear_workspace(n, w));
+    std::vector<float> y(n * rows, NAN);
+    const char* error = quantized_linear(m.isa, x.data(), n, w, with_bias ? c.bias.data() : nullptr, y.data(),
+                                         ws.data(), m.parallel);
+    if (error) check.fail(describe_isa(m) + " " + what + ": unexpected error: " + error);
+    if (!ws.canary_intact()) check.fail(describe_isa(m) + " " + what + ": wrote past its workspace");
+    for (int64_t i = 0; i < n * rows && !check.failed(); ++i) {
+      const double diff = std::fabs(y[i] - want[i]);
+      const double err = magnitude[i] > 0.0 ? diff / magnitude[i] : (diff == 0.0 ? 0.0 : INFINITY);
+      worst = std::max(worst, err);
+      if (!(err <= kQuantTolerance)) {
+        char buf[200];
+        std::snprintf(buf, sizeof buf, ": token %lld output %lld is %.9g, the reference %.9g (%.2g of |x||W|)",
+                      static_cast<long long>(i / rows), static_cast<long long>(i % rows), y[i], want[i], err);
+        check.fail(describe_isa(m) + " " + what + buf);
+      }
+    }
+  }
+}
+
+// Matrices outside the storage's rules return a message before any work: y keeps its contents.
+void check_bad_quantized(const std::vector<Mode>& modes, Checker& check) {
+  const std::vector<uint8_t> data(4096, 0x88);
+  const std::vector<float> scale(4096, 1.0f), x(4 * 128, 1.0f);
+  struct Bad {
+    int64_t k, group;
+    int bits;
+  };
+  const Bad bad[] = {{64, 32, 5}, {64, 32, 2}, {48, 48, 4}, {64, 16, 4}, {100, 30, 8}, {64, 0, 8}, {0, 32, 4},
+                     {64, 128, 8}};
+  for (const Bad& b : bad) {
+    const QuantizedMatrix w{data.data(), scale.data(), 3, b.k, b.group, b.bits};
+    for (const Mode& m : modes) {
+      for (int64_t n : {int64_t{1}, 4 * 128 / std::max<int64_t>(b.k, 1)}) {
+        std::vector<float> y(n * 3, 7.0f);
+        const char* error = quantized_linear(m.isa, x.data(), n, w, nullptr, y.data(), nullptr, m.parallel);
+        if (!error || !std::all_of(y.begin(), y.end(), [](float v) { return v == 7.0f; })) {
+          check.fail(describe_isa(m) + " quantized_linear with bits " + std::to_string(b.bits) + ", K " +
+                     std::to_string(b.k) + ", group " + std::to_string(b.group) + " was not rejected");
+        }
+      }
+    }
+  }
+}
+
+// Every shape x {1, 3, 12, 17, 40 (K <= 96)} tokens x {no bias, bias}, 37 rows (partial row tiles, panels and work
+// items; 1 row at n=3 with bias); returns the count.
+int check_quantized_all(Rng& rng, const std::vector<Mode>& modes, Checker& check, double& worst) {
+  int cases = 0;
+  for (const QuantShape& shape : quant_shapes()) {
+    for (int64_t n : {1, 3, 12, 17, 40}) {
+      if (n == 40 && shape.k > 96) continue;  // keep the naive reference quick under qemu
+      for (bool with_bias : {false, true}) {
+        if (check.failed()) return cases;
+        check_quantized(rng, modes, shape, n == 3 && with_bias ? 1 : 37, n, with_bias, check, worst);
+        ++cases;
+      }
+    }
+  }
+  check_bad_quantized(modes, check);
+  return cases;
+}
+
 int run_check() {
   const auto start = std::chrono::steady_clock::now();
   ThreadPool pool(3);  // more threads than this machine's cores: chunks really interleave
@@ -526,10 +695,14 @@ int run_check() {
     for (int i = 0; i < kRouted && !check.failed(); ++i) check_routed(rng, modes, check);
     for (int i = 0; i < kFloat && !check.failed(); ++i) check_routed_float(rng, modes, check, worst_float);
     if (!check.failed()) check_bad_ids(rng, modes, check);
+    double worst_quant = 0.0;
+    const int quant = check.failed() ? 0 : check_quantized_all(rng, modes, check, worst_quant);
     if (check.failed()) break;
     std::printf("%s: %d cases bit-exact (%d ternary_linear, %d routed_experts; serial and 3 threads), "
-                "%d routed_experts_float within %.0e (worst %.1e), out-of-range ids rejected\n",
-                isa_name(isa), kLinear + kRouted, kLinear, kRouted, kFloat, kFloatTolerance, worst_float);
+                "%d routed_experts_float within %.0e (worst %.1e), out-of-range ids rejected; "
+                "%d quantized_linear within %.0e of |x||W| (worst %.1e), invalid matrices rejected\n",
+                isa_name(isa), kLinear + kRouted, kLinear, kRouted, kFloat, kFloatTolerance, worst_float, quant,
+                kQuantTolerance, worst_quant);
   }
   if (check.failed()) {
     std::printf("FAILED: %s\n", check.failure().c_str());
@@ -773,16 +946,132 @@ int run_bench(int threads, const std::string& only, bool quick) {
   return 0;
 }
 
+// ---- the weight-only quantized linear's benchmark (--bench-quantized)
+
+// The [rows, K] of the product's quantized linears: attention / shared expert projections and Qwen2's lm_head.
+const int64_t kQuantBenchShapes[][2] = {{4096, 1024}, {1024, 4096}, {11008, 2048}, {2048, 11008}, {151936, 896}};
+
+// One weight format of one shape, as a pool of copies of at least `pool_bytes` in all: cycling through them, each
+// call streams its weights from DRAM (a decode step reads every weight of the model once, and this Xeon's L3 is 480
+// MiB). Random contents (the kernels' speed does not depend on the values), one copy generated and the rest copied.
+struct QuantBenchPool {
+  int bits;  // 4, 8 or 32 (fp32)
+  int64_t rows, k, group, copies;
+  std::vector<uint8_t> data;  // int4 / int8 values, per copy rows * row_bytes
+  std::vector<float> scale;   // per copy rows * K / group
+  std::vector<float> weight;  // fp32, per copy rows * K
+
+  QuantBenchPool(Rng& rng, int bits_, int64_t rows_, int64_t k_, size_t pool_bytes)
+      : bits(bits_), rows(rows_), k(k_), group(bits_ == 4 ? 32 : k_), copies(1) {
+    copies = std::max<int64_t>(1, static_cast<int64_t>((pool_bytes + bytes() - 1) / bytes()));
+    if (bits == 32) {
+      weight.resize(copies * rows * k);
+      for (int64_t i = 0; i < rows * k; ++i) weight[i] = rng.uniform(-0.05f, 0.05f);
+      for (int64_t c = 1; c < copies; ++c) std::copy_n(weight.begin(), rows * k, weight.begin() + c * rows * k);
+      return;
+    }
+    const int64_t n_data = rows * k * bits / 8, n_scale = rows * (k / group);
+    data.resize(copies * n_data);
+    scale.resize(copies * n_scale);
+    for (int64_t i = 0; i < n_data; ++i) data[i] = static_cast<uint8_t>(rng.next());
+    for (int64_t i = 0; i < n_scale; ++i) scale[i] = rng.uniform(0.001f, 0.05f);
+    for (int64_t c = 1; c < copies; ++c) {
+      std::copy_n(data.begin(), n_data, data.begin() + c * n_data);
+      std::copy_n(scale.begin(), n_scale, scale.begin() + c * n_scale);
+    }
+  }
+
+  // What one call reads: the weights (values and scales) of one copy.
+  size_t bytes() const {
+    if (bits == 32) return static_cast<size_t>(rows * k) * sizeof(float);
+    return static_cast<size_t>(rows * k * bits / 8) + static_cast<size_t>(rows * (k / group)) * sizeof(float);
+  }
+  QuantizedMatrix matrix(int64_t c) const {
+    const int64_t n_data = rows * k * bits / 8, n_scale = rows * (k / group);
+    return QuantizedMatrix{data.data() + c * n_data, scale.data() + c * n_scale, rows, k, group, bits};
+  }
+  const char* name() const { return bits == 4 ? "int4" : bits == 8 ? "int8" : "fp32"; }
+};
+
+// Median ms of one call of y[n, rows] = x[n, K] W^T with `pool`'s format, cycling through its copies.
+double bench_quantized_call(Isa isa, const QuantBenchPool& pool, int64_t n, const ParallelFor& parallel) {
+  Rng rng(5);
+  const std::vector<float> x = random_tokens(rng, n, pool.k);
+  std::vector<float> y(n * pool.rows);
+  Workspace ws(pool.bits == 32 ? 0 : quantized_linear_workspace(n, pool.matrix(0)));
+  const double budget = n == 1 ? 400.0 : 1500.0;
+  return median_ms(
+      [&](int c) {
+        const int64_t copy = c % pool.copies;
+        if (pool.bits == 32) {
+          float_linear(isa, x.data(), n, pool.weight.data() + copy * pool.rows * pool.k, pool.rows, pool.k,
+                       y.data(), parallel);
+        } else {
+          quantized_linear(isa, x.data(), n, pool.matrix(copy), nullptr, y.data(), ws.data(), parallel);
+        }
+      },
+      400, budget);
+}
+
+// For each shape, format (int4 in groups of 32 and int8 per output channel, the defaults of --quantize, and fp32)
+// and n: the median ms per call and the weight bytes it read per second (GB/s). Prints one JSON object.
+int run_bench_quantized(int threads, const std::string& only, bool quick) {
+  ThreadPool pool(threads);
+  const ParallelFor parallel = threads > 1 ? pool.parallel_for() : serial();
+  Isa isa = detect_isa();
+  for (Isa i : supported_isas()) {
+    if (only == isa_name(i)) isa = i;
+  }
+  if (!only.empty() && only != isa_name(isa)) {
+    std::fprintf(stderr, "no supported instruction set named %s\n", only.c_str());
+    return 1;
+  }
+  const size_t pool_bytes = quick ? size_t{8} << 20 : size_t{1} << 30;
+  const int64_t ns[] = {1, 16, 64};  // decode, and the prefill path at both ends of its range
+  Rng rng(13);
+  std::string out = "{\"threads\": " + std::to_string(threads) + ", \"isa\": \"" + isa_name(isa) +
+                    "\", \"shapes\": {";
+  bool first_shape = true;
+  for (const auto& shape : kQuantBenchShapes) {
+    const int64_t rows = quick ? shape[0] / 16 : shape[0], k = quick ? std::max<int64_t>(64, shape[1] / 16) : shape[1];
+    out += std::string(first_shape ? "" : ", ") + "\"" + std::to_string(rows) + "x" + std::to_string(k) + "\": {";
+    first_shape = false;
+    bool first_format = true;
+    for (int bits : {4, 8, 32}) {
+      const QuantBenchPool p(rng, bits, rows, k, pool_bytes);
+      out += std::string(first_format ? "" : ", ") + "\"" + p.name() + "\": {";
+      first_format = false;
+      for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); ++i) {
+        const double ms = bench_quantized_call(isa, p, ns[i], parallel);
+        char buf[96];
+        std::snprintf(buf, sizeof buf, "%s\"n%lld\": {\"ms\": %.4f, \"gbps\": %.2f}", i ? ", " : "",
+                      static_cast<long long>(ns[i]), ms, static_cast<double>(p.bytes()) / (ms * 1e6));
+        out += buf;
+      }
+      out += "}";
+      std::fflush(stdout);
+    }
+    out += "}";
+  }
+  const double gbps = read_bandwidth_gbps(parallel, threads, quick ? size_t{16} << 20 : size_t{1} << 30);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f", gbps);
+  std::printf("%s}, \"read_bandwidth_gbps\": %s}\n", out.c_str(), buf);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool bench = false, quick = false;
+  bool bench = false, bench_quantized = false, quick = false;
   int threads = 1;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--bench") {
       bench = true;
+    } else if (arg == "--bench-quantized") {
+      bench_quantized = true;
     } else if (arg == "--quick") {
       quick = true;
     } else if (arg == "--threads" && i + 1 < argc) {
@@ -790,9 +1079,11 @@ int main(int argc, char** argv) {
     } else if (arg == "--isa" && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--bench [--threads N] [--isa NAME] [--quick]]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--bench | --bench-quantized [--threads N] [--isa NAME] [--quick]]\n",
+                   argv[0]);
       return 2;
     }
   }
+  if (bench_quantized) return run_bench_quantized(threads, only, quick);
   return bench ? run_bench(threads, only, quick) : run_check();
 }

@@ -5,6 +5,8 @@
 //                            gate_scale [E, 1|I], up_packed, up_scale, down_packed u8 [E, d, ceil(I/4)],
 //                            down_scale [E, 1|d], *, out [N, d])
 //   mote::ternary_linear.out(x [..., K], packed u8 [rows, ceil(K/4)], scale [1|rows], in_features, *, out [..., rows])
+//   mote::packed_quantized_linear.out(x [..., K], packed (bits 4: u8 [rows, K/2]; bits 8: i8 [rows, K]),
+//                                     scale [rows, K/group], bias [rows]?, bits, group, *, out [..., rows])
 //   mote_bench::routed_experts_float.out(x, top_p, top_i, gate_w [E, I, d], up_w [E, I, d], down_w [E, d, I], *, out)
 //
 // The schemas are the ones targets/executorch/ops.py registers with torch; their meaning is export/semantics.py,
@@ -17,6 +19,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <optional>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -146,6 +149,19 @@ Tensor& routed_experts_out(KernelRuntimeContext& ctx, const Tensor& x, const Ten
   return out;
 }
 
+// out takes x's shape with the last dim `rows` (x [..., K] -> out [..., rows]).
+bool resize_rows(Tensor& out, const Tensor& x, int64_t rows) {
+  executorch::aten::SizesType sizes[16];
+  if (x.dim() < 1 || x.dim() > 16 || out.scalar_type() != ScalarType::Float) {
+    return false;
+  }
+  for (ssize_t i = 0; i < x.dim(); ++i) {
+    sizes[i] = x.size(i);
+  }
+  sizes[x.dim() - 1] = static_cast<executorch::aten::SizesType>(rows);
+  return executorch::runtime::resize_tensor(out, {sizes, size_t(x.dim())}) == Error::Ok;
+}
+
 Tensor& ternary_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& packed, const Tensor& scale,
                            int64_t in_features, Tensor& out) {
   const int64_t n = rows_of(x);
@@ -155,22 +171,52 @@ Tensor& ternary_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Ten
                           packed.size(1) == packed_bytes(in_features) && valid_scale(scale, 1, packed.size(0)),
                       InvalidArgument, out, "mote::ternary_linear: x, codes and scale do not match");
   const int64_t rows = packed.size(0);
-  executorch::aten::SizesType sizes[16];
   ET_KERNEL_CHECK_MSG(ctx, x.dim() <= 16, InvalidArgument, out, "mote::ternary_linear: x has too many dims");
-  for (ssize_t i = 0; i < x.dim(); ++i) {
-    sizes[i] = x.size(i);
-  }
-  sizes[x.dim() - 1] = rows;
-  ET_KERNEL_CHECK_MSG(ctx,
-                      out.scalar_type() == ScalarType::Float &&
-                          executorch::runtime::resize_tensor(out, {sizes, size_t(x.dim())}) == Error::Ok,
-                      InvalidArgument, out, "mote::ternary_linear: cannot resize out");
+  ET_KERNEL_CHECK_MSG(ctx, resize_rows(out, x, rows), InvalidArgument, out, "mote::ternary_linear: cannot resize out");
 
   const mote::TernaryMatrix weights{packed.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(), rows,
                                     in_features, scale.numel() == rows && rows != 1};
   void* workspace = scratch(ctx, mote::ternary_linear_workspace(n, weights));
   mote::ternary_linear(chosen_isa(), x.const_data_ptr<float>(), n, weights, out.mutable_data_ptr<float>(), workspace,
                        threadpool());
+  return out;
+}
+
+// The weight-only linear's packed values [rows, K/2] (bits 4, uint8) or [rows, K] (bits 8, int8), scales
+// [rows, K/group] and bias [rows] for x [..., K]; the bit width and group rules are the kernel's (its message).
+bool valid_quantized(const Tensor& x, const Tensor& packed, const Tensor& scale, const std::optional<Tensor>& bias,
+                     int64_t bits, int64_t group) {
+  if (x.scalar_type() != ScalarType::Float || x.dim() < 1 || packed.dim() != 2 || group <= 0) {
+    return false;
+  }
+  const int64_t k = x.size(x.dim() - 1), rows = packed.size(0);
+  const bool packed_ok = bits == 4 ? packed.scalar_type() == ScalarType::Byte && packed.size(1) * 2 == k
+                                   : packed.scalar_type() == ScalarType::Char && packed.size(1) == k;
+  const bool scale_ok = scale.scalar_type() == ScalarType::Float && scale.dim() == 2 && scale.size(0) == rows &&
+                        k % group == 0 && scale.size(1) == k / group;
+  const bool bias_ok = !bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->dim() == 1 &&
+                                             bias->size(0) == rows);
+  return packed_ok && scale_ok && bias_ok;
+}
+
+Tensor& packed_quantized_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& packed,
+                                    const Tensor& scale, const std::optional<Tensor>& bias, int64_t bits,
+                                    int64_t group, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, bits == 4 || bits == 8, InvalidArgument, out,
+                      "mote::packed_quantized_linear: bits must be 4 or 8, not %lld", static_cast<long long>(bits));
+  ET_KERNEL_CHECK_MSG(ctx, valid_quantized(x, packed, scale, bias, bits, group), InvalidArgument, out,
+                      "mote::packed_quantized_linear: x, packed values, scales and bias do not match "
+                      "(int%lld, group %lld)", static_cast<long long>(bits), static_cast<long long>(group));
+  const int64_t n = rows_of(x), k = x.size(x.dim() - 1), rows = packed.size(0);
+  ET_KERNEL_CHECK_MSG(ctx, resize_rows(out, x, rows), InvalidArgument, out,
+                      "mote::packed_quantized_linear: cannot resize out");
+  const mote::QuantizedMatrix weights{static_cast<const uint8_t*>(packed.const_data_ptr()),
+                                      scale.const_data_ptr<float>(), rows, k, group, static_cast<int>(bits)};
+  void* workspace = scratch(ctx, mote::quantized_linear_workspace(n, weights));
+  const char* error = mote::quantized_linear(chosen_isa(), x.const_data_ptr<float>(), n, weights,
+                                             bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+                                             out.mutable_data_ptr<float>(), workspace, threadpool());
+  ET_KERNEL_CHECK_MSG(ctx, error == nullptr, InvalidArgument, out, "mote::packed_quantized_linear: %s", error);
   return out;
 }
 
@@ -207,6 +253,7 @@ Tensor& routed_experts_float_out(KernelRuntimeContext& ctx, const Tensor& x, con
 
 EXECUTORCH_LIBRARY(mote, "routed_experts.out", routed_experts_out);
 EXECUTORCH_LIBRARY(mote, "ternary_linear.out", ternary_linear_out);
+EXECUTORCH_LIBRARY(mote, "packed_quantized_linear.out", packed_quantized_linear_out);
 EXECUTORCH_LIBRARY(mote_bench, "routed_experts_float.out", routed_experts_float_out);
 
 // What a loader checks before it runs a .pte (targets/executorch/kernel_library.py): the version of the ops'

@@ -12,6 +12,19 @@
 //
 // Storage (export/trits.py): 2-bit codes `code = trit + 2`, four per byte, lowest bits first along K, each row
 // ceil(K/4) bytes (the last byte's unused codes are 2), rows contiguous. Scales: one per tensor or one per row.
+//
+// The weight-only quantized linear of `--quantize int4|int8` (mote.quantized_linear; export/semantics.py
+// dequantize_weight), on fp32 activations, so that it keeps the reference's numerics (no activation quantisation):
+//   W[r, k] = (float)q[r, k] * scale[r, k / group]       q in [-8, 7] (bits 4) or [-128, 127] (bits 8)
+//   y[t, r] = bias[r] (or 0) + sum_k x[t, k] * W[r, k]   fp32; the order of the sums is the kernel's own (and
+//                                                        scale * sum_{k in group} q * x counts as that): results
+//                                                        agree with a plain fp32 reference to fp32 rounding, not
+//                                                        bit for bit
+// Storage (targets/executorch/quantized.py): scale fp32 [rows, K / group], row-major.
+//   bits 8: q int8 [rows, K] row-major; `group` divides K (K itself: per output channel).
+//   bits 4: uint8 [rows, K/2]; K and group multiples of 32. Each row is K/32 spans of 16 bytes, byte i of span s
+//           holding q[32s + i] + 8 in its low nibble and q[32s + 16 + i] + 8 in its high nibble (llama.cpp's Q4_0
+//           order: a mask gives values 0..15 of the span, a shift 16..31, each 16 consecutive inputs).
 #pragma once
 
 #include <cstddef>
@@ -21,7 +34,7 @@
 namespace mote {
 
 // Bumped whenever an op's schema or meaning changes; the .pte records the version it needs.
-constexpr int kKernelsVersion = 1;
+constexpr int kKernelsVersion = 2;  // 2: packed_quantized_linear
 
 // Instruction sets with a kernel. `detect_isa()` is the best one compiled in that this CPU runs.
 enum class Isa { kScalar, kAvx2, kAvx512Vnni, kNeon, kNeonDot };
@@ -94,5 +107,31 @@ const char* routed_experts(Isa isa, const float* x, int64_t n, const float* top_
 const char* routed_experts_float(Isa isa, const float* x, int64_t n, const float* top_p, const int64_t* top_i,
                                  int64_t top_k, const RoutedFloatExperts& w, float* y, void* workspace,
                                  const ParallelFor& parallel);
+
+// One weight-only quantized matrix [rows, K] in the storage above.
+struct QuantizedMatrix {
+  const uint8_t* data;  // bits 4: rows * K/2 bytes as above; bits 8: rows * K int8 bytes
+  const float* scale;   // rows * (K / group)
+  int64_t rows, k, group;
+  int bits;             // 4 or 8
+};
+
+// Scratch bytes quantized_linear needs for n tokens (64-byte aligned, contents need not be initialised). The kernels
+// of this version need none (the prefill path's dequantized tiles, 32 KiB at most, live on the stack of the thread
+// that uses them, which a shared workspace could not give per thread), so it is 0; the bindings ask for it anyway, so
+// that a kernel that needs scratch later does not change their contract.
+size_t quantized_linear_workspace(int64_t n, const QuantizedMatrix& w);
+
+// y[n, rows] for x[n, K]; bias [rows] may be nullptr. Returns nullptr, or a message for an invalid matrix (bits not 4
+// or 8, K or group not positive, group not dividing K, int4 with K or group not a multiple of 32); y is then
+// untouched. Few tokens (decode) read the packed rows directly; more dequantize a tile of rows once and reuse it
+// for every token. Work is split over `parallel` by blocks of rows.
+const char* quantized_linear(Isa isa, const float* x, int64_t n, const QuantizedMatrix& w, const float* bias,
+                             float* y, void* workspace, const ParallelFor& parallel);
+
+// y[n, rows] = x[n, K] w^T for fp32 w [rows, K] (row-major): the benchmark's fp32 baseline of quantized_linear,
+// split over `parallel` the same way, plain fp32 dot products in the kernel's own order.
+void float_linear(Isa isa, const float* x, int64_t n, const float* w, int64_t rows, int64_t k, float* y,
+                  const ParallelFor& parallel);
 
 }  // namespace mote

@@ -3,6 +3,11 @@
 // Ternary: 32 code bytes per vector; plane j = (bytes >> 2j) & 3 is the unsigned operand of vpmaddubsw against the
 // activations' plane j. Pair sums are at most 2*3*128 = 768, so the four planes add up in int16 without saturating
 // (<= 3072) before one vpmaddwd widens them to int32.
+//
+// Weight-only int4 and int8: 8 bytes widened to int32 lanes (vpmovzxbd straight from memory; an int4 byte's low
+// nibble is a mask away and its high one a shift), converted to float, and FMAed into a per-group sum that the
+// group's scale multiplies at the group's end: one multiply per group rather than one per vector. (AVX2's vpermps
+// picks among 8 lanes only, so the 16-level table of the AVX-512 kernel does not carry over.)
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
@@ -139,6 +144,126 @@ struct FloatTile {
   }
 };
 
+// 8 bytes as int32 lanes.
+inline __m256i widen8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The int4 values of a span's bytes 8h..8h+7 (widen8 of them): its values 8h.. (low nibbles) and 16+8h.. (high).
+inline __m256 int4_low(__m256i v) {
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), _mm256_set1_epi32(8)));
+}
+inline __m256 int4_high(__m256i v) {
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), _mm256_set1_epi32(8)));
+}
+
+// R rows x T tokens straight from int4 rows: per group, sum q * x, then acc += scale * sum. One loop over the row's
+// spans (a group of 32 is a single span: a nested loop per group would cost a loop per 32 weights).
+struct Int4Tile {
+  static constexpr int kRowsSingle = 4, kRows = 2, kTokens = 2;
+
+  template <int R, int T>
+  static void run(const uint8_t* const* row, const float* const* scale, const QuantizedRows& m,
+                  const float* const* x, int64_t valid_rows, float* out, int64_t out_stride) {
+    __m256 acc[R][T], inner[R][T];
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) acc[r][t] = inner[r][t] = _mm256_setzero_ps();
+    }
+    const int64_t spans = m.k / kInt4Span, per_group = m.group / kInt4Span;
+    for (int64_t sp = 0, g = 0, left = per_group; sp < spans; ++sp) {
+      const int64_t k0 = sp * kInt4Span, byte = k0 / 2;
+      if (byte % 64 == 0) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + byte + kPrefetchTiles * R * m.row_bytes);
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = widen8(row[r] + byte + 8 * h);
+          const __m256 lo = int4_low(v), hi = int4_high(v);
+          for (int t = 0; t < T; ++t) {
+            inner[r][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[t] + k0 + 8 * h), inner[r][t]);
+            inner[r][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[t] + k0 + 16 + 8 * h), inner[r][t]);
+          }
+        }
+      }
+      if (--left == 0) {  // the group's end: scale its sums
+        if (g % 16 == 0) {
+          for (int r = 0; r < R; ++r) __builtin_prefetch(scale[r] + g + kPrefetchTiles * R * m.groups);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256 s = _mm256_set1_ps(scale[r][g]);
+          for (int t = 0; t < T; ++t) {
+            acc[r][t] = _mm256_fmadd_ps(inner[r][t], s, acc[r][t]);
+            inner[r][t] = _mm256_setzero_ps();
+          }
+        }
+        left = per_group;
+        ++g;
+      }
+    }
+    store_sums(acc, valid_rows, out, out_stride);
+  }
+};
+
+// R rows x T tokens straight from int8 rows: per group, sum q * x, then acc += scale * sum. A group is walked 64
+// bytes (a line, prefetched once) at a time, then in whole vectors of 8, then its last < 8 values one at a time.
+struct Int8Tile {
+  static constexpr int kRowsSingle = 4, kRows = 2, kTokens = 2;
+
+  template <int R, int T>
+  static void run(const uint8_t* const* row, const float* const* scale, const QuantizedRows& m,
+                  const float* const* x, int64_t valid_rows, float* out, int64_t out_stride) {
+    __m256 acc[R][T];
+    float tail[R][T] = {};
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    }
+    const int64_t prefetch = kPrefetchTiles * R * m.row_bytes;
+    for (int64_t g = 0; g < m.groups; ++g) {
+      __m256 inner[R][T];
+      float rest[R][T] = {};
+      for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < T; ++t) inner[r][t] = _mm256_setzero_ps();
+      }
+      if (g % 16 == 0) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(scale[r] + g + kPrefetchTiles * R * m.groups);
+      }
+      const int64_t end = (g + 1) * m.group;
+      int64_t i = g * m.group;
+      const auto step = [&](int64_t at) {
+        for (int r = 0; r < R; ++r) {
+          const __m256 w = _mm256_cvtepi32_ps(
+              _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row[r] + at))));
+          for (int t = 0; t < T; ++t) inner[r][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[t] + at), inner[r][t]);
+        }
+      };
+      for (; i + 64 <= end; i += 64) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + i + prefetch);
+        for (int j = 0; j < 64; j += 8) step(i + j);
+      }
+      for (; i + 8 <= end; i += 8) step(i);
+      for (; i < end; ++i) {
+        for (int r = 0; r < R; ++r) {
+          const float w = static_cast<float>(static_cast<int8_t>(row[r][i]));
+          for (int t = 0; t < T; ++t) rest[r][t] += w * x[t][i];
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float sg = scale[r][g];
+        const __m256 s = _mm256_set1_ps(sg);
+        for (int t = 0; t < T; ++t) {
+          acc[r][t] = _mm256_fmadd_ps(inner[r][t], s, acc[r][t]);
+          tail[r][t] += rest[r][t] * sg;
+        }
+      }
+    }
+    float sums[T * R];  // [t][r]
+    store_sums(acc, R, sums, R);
+    for (int r = 0; r < valid_rows; ++r) {
+      for (int t = 0; t < T; ++t) out[t * out_stride + r] = sums[t * R + r] + tail[r][t];
+    }
+  }
+};
+
 void code_dots(const uint8_t* codes, int64_t row_bytes, int64_t rows, const int8_t* const* q, int64_t tokens,
                int32_t* out) {
   tiled_dots<CodeTile>(codes, row_bytes, row_bytes, rows, q, tokens, out);
@@ -148,10 +273,156 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   tiled_dots<FloatTile>(w, k, k, rows, x, tokens, out);
 }
 
+void int4_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  quantized_tiled_dots<Int4Tile>(m, x, tokens, out);
+}
+
+void int8_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  quantized_tiled_dots<Int8Tile>(m, x, tokens, out);
+}
+
+// ---- the prefill tile: row-major dequantisation into a small buffer, then transposed into panels
+
+// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len.
+// (The group of each span or run is found once per call, outside the loop over rows: a division per row and span
+// cost as much as the rest of the dequantisation.)
+void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len; i += kInt4Span) {
+    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const __m256 s = _mm256_set1_ps(m.scale[r * m.groups + g]);
+      float* out = w + r * len + i;
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = widen8(m.data + r * m.row_bytes + byte + 8 * h);
+        _mm256_storeu_ps(out + 8 * h, _mm256_mul_ps(int4_low(v), s));
+        _mm256_storeu_ps(out + 16 + 8 * h, _mm256_mul_ps(int4_high(v), s));
+      }
+    }
+  }
+}
+
+// One run per group the inputs overlap: whole vectors, then the run's last < 8 values one at a time.
+void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len;) {
+    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
+    const int64_t end = group_end < len ? group_end : len;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const uint8_t* row = m.data + r * m.row_bytes + k0;
+      const float sg = m.scale[r * m.groups + g];
+      const __m256 s = _mm256_set1_ps(sg);
+      float* out = w + r * len;
+      int64_t j = i;
+      for (; j + 8 <= end; j += 8) {
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+      }
+      for (; j < end; ++j) out[j] = static_cast<float>(static_cast<int8_t>(row[j])) * sg;
+    }
+    i = end;
+  }
+}
+
+constexpr int64_t kPanelRows = 16;  // two vectors of rows per panel
+constexpr int64_t kPanelChunk = 32;  // inputs dequantized row-major at a time before the transpose
+
+// dst + i * dst_stride (8 floats) = column i of the 8 x 8 block at src (rows src_stride apart), for i < count.
+inline void transpose8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4h + c] lane L = column 4L + c of rows 4h..4h+3
+  for (int h = 0; h < 2; ++h) {
+    r[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+    t[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+  }
+  for (int i = 0; i < count; ++i) _mm256_storeu_ps(dst + i * dst_stride, t[i]);
+}
+
+// The tile of Kernels::dequantize_*: each panel's rows dequantized kPanelChunk inputs at a time into a row-major
+// buffer (rows past m.rows zeroed), then transposed 8 x 8 into the panel.
+template <int Bits>
+void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
+  alignas(32) float buf[kPanelRows * kPanelChunk];
+  for (int64_t p = 0; p * kPanelRows < m.rows; ++p) {
+    QuantizedRows sub = m;
+    sub.data += p * kPanelRows * m.row_bytes;
+    sub.scale += p * kPanelRows * m.groups;
+    sub.rows = m.rows - p * kPanelRows < kPanelRows ? m.rows - p * kPanelRows : kPanelRows;
+    float* panel = tile + p * len * kPanelRows;
+    for (int64_t i = 0; i < len; i += kPanelChunk) {
+      const int64_t c = len - i < kPanelChunk ? len - i : kPanelChunk;
+      if (Bits == 4) {
+        rowmajor_int4(sub, k0 + i, c, buf);
+      } else {
+        rowmajor_int8(sub, k0 + i, c, buf);
+      }
+      if (sub.rows < kPanelRows) std::memset(buf + sub.rows * c, 0, (kPanelRows - sub.rows) * c * sizeof(float));
+      for (int64_t h = 0; h < kPanelRows; h += 8) {
+        for (int64_t j = 0; j < c; j += 8) {
+          transpose8(buf + h * c + j, c, panel + (i + j) * kPanelRows + h, kPanelRows, c - j < 8 ? c - j : 8);
+        }
+      }
+    }
+  }
+}
+
+// T tokens over one panel: per input, two vectors of weights (16 rows) times the token's x broadcast.
+struct PanelTile {
+  static constexpr int kTokens = 6;  // 12 accumulators, 2 weight vectors and a broadcast: 15 of 16 registers
+
+  template <int R, int T>
+  static void run(const float* panel, int64_t len, const float* const* x, int64_t valid_rows, float* out,
+                  int64_t out_stride) {
+    __m256 acc[T][2];
+    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < len; ++i) {
+      const __m256 w0 = _mm256_loadu_ps(panel + i * kPanelRows), w1 = _mm256_loadu_ps(panel + i * kPanelRows + 8);
+      for (int t = 0; t < T; ++t) {
+        const __m256 xv = _mm256_broadcast_ss(x[t] + i);
+        acc[t][0] = _mm256_fmadd_ps(w0, xv, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(w1, xv, acc[t][1]);
+      }
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid_rows)), lane);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid_rows - 8)), lane);
+    for (int t = 0; t < T; ++t) {
+      _mm256_maskstore_ps(out + t * out_stride, m0, acc[t][0]);
+      _mm256_maskstore_ps(out + t * out_stride + 8, m1, acc[t][1]);
+    }
+  }
+};
+
+void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
+  constexpr int T = PanelTile::kTokens;
+  for (int64_t p = 0; p * kPanelRows < rows; ++p) {
+    const int64_t valid = rows - p * kPanelRows < kPanelRows ? rows - p * kPanelRows : kPanelRows;
+    // Token tiles of equal size (16 tokens: 8 + 8, not 12 + 4): a narrow tile reuses each weight vector less.
+    const int64_t tiles = (tokens + T - 1) / T;
+    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
+      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
+      TokenTile<PanelTile, 1, T>::run(nt, tile + p * len * kPanelRows, len, x + t0, valid,
+                                      out + t0 * rows + p * kPanelRows, rows);
+      t0 += nt;
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& avx2_kernels() {
-  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots};
+  static const Kernels kernels{kGroup,     quantize<kGroup>, code_dots,            float_dots,
+                               kPanelRows, int4_dots,        int8_dots,            dequantize_panels<4>,
+                               dequantize_panels<8>,         panel_dots};
   return kernels;
 }
 

@@ -6,6 +6,12 @@
 // leaves code j scaled by 4^j (at most 192, still an unsigned byte): each plane gets its own accumulator, and the
 // exact shifts acc_j >> 2j (every product is a multiple of 4^j) undo the scaling once at the end. That saves the
 // three shifts per vector a full decode would cost.
+//
+// Weight-only int4: the 16 levels of a group, (float)(q) * scale for q = -8..7, are one vector, and vpermps picks a
+// lane by the low 4 bits of each index: widening a span's 16 bytes to int32 lanes gives the low nibbles' weights
+// with one permute and the high nibbles' after one shift, already scaled (W exactly as the spec rounds it). That is
+// 3 shuffles, 1 shift and the FMAs per 32 weights, fewer than converting the integers and scaling them.
+// Weight-only int8: sign-extend, convert, FMA into a per-group sum that the group's scale multiplies at its end.
 #if defined(__x86_64__) || defined(_M_X64)
 
 // GCC 12 warns about the deliberately undefined pass-through operand inside its own AVX-512 intrinsics (GCC bug
@@ -163,6 +169,120 @@ struct FloatTile {
   }
 };
 
+// The 16 weights of a group's int4 levels: lane i holds (float)(i - 8) * s.
+inline __m512 int4_levels(float s) {
+  const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm512_mul_ps(levels, _mm512_set1_ps(s));
+}
+
+// A span's 16 bytes as int32 lanes: the permute index of its low nibbles (vpermps ignores the bits above the 4th).
+inline __m512i int4_span(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// R rows x T tokens straight from int4 rows; each pair keeps two accumulators (low and high half of a span).
+struct Int4Tile {
+  static constexpr int kRowsSingle = 4, kRows = 2, kTokens = 4;
+
+  template <int R, int T>
+  static void run(const uint8_t* const* row, const float* const* scale, const QuantizedRows& m,
+                  const float* const* x, int64_t valid_rows, float* out, int64_t out_stride) {
+    __m512 acc[R][T][2];
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+    }
+    // One loop over the row's spans (a group of 32 is a single span: a nested loop per group would cost a loop per
+    // 32 weights); the tables are rebuilt where a group starts.
+    const int64_t spans = m.k / kInt4Span, per_group = m.group / kInt4Span;
+    __m512 table[R];
+    for (int64_t sp = 0, g = 0, left = 0; sp < spans; ++sp, --left) {
+      if (left == 0) {
+        for (int r = 0; r < R; ++r) table[r] = int4_levels(scale[r][g]);
+        if (g % 16 == 0) {
+          for (int r = 0; r < R; ++r) __builtin_prefetch(scale[r] + g + kPrefetchTiles * R * m.groups);
+        }
+        left = per_group;
+        ++g;
+      }
+      const int64_t byte = sp * 16;
+      if (byte % 64 == 0) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + byte + kPrefetchTiles * R * m.row_bytes);
+      }
+      __m512 xv[T][2];
+      for (int t = 0; t < T; ++t) {
+        xv[t][0] = _mm512_loadu_ps(x[t] + sp * kInt4Span);
+        xv[t][1] = _mm512_loadu_ps(x[t] + sp * kInt4Span + 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = int4_span(row[r] + byte);
+        const __m512 lo = _mm512_permutexvar_ps(v, table[r]);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[r]);
+        for (int t = 0; t < T; ++t) {
+          acc[r][t][0] = _mm512_fmadd_ps(lo, xv[t][0], acc[r][t][0]);
+          acc[r][t][1] = _mm512_fmadd_ps(hi, xv[t][1], acc[r][t][1]);
+        }
+      }
+    }
+    __m512 sum[R][T];
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) sum[r][t] = _mm512_add_ps(acc[r][t][0], acc[r][t][1]);
+    }
+    store_sums(sum, valid_rows, out, out_stride);
+  }
+};
+
+// 16 int8 weights (the first `mask` of them; the rest 0) as floats.
+inline __m512 int8_weights(const uint8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+// R rows x T tokens straight from int8 rows: per group, sum q * x, then acc += scale * sum. A group is walked 64
+// bytes (a line, prefetched once) at a time, then in whole vectors, then one masked vector when it is no multiple
+// of 16.
+struct Int8Tile {
+  static constexpr int kRowsSingle = 4, kRows = 2, kTokens = 4;
+
+  template <int R, int T>
+  static void run(const uint8_t* const* row, const float* const* scale, const QuantizedRows& m,
+                  const float* const* x, int64_t valid_rows, float* out, int64_t out_stride) {
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    }
+    const int64_t prefetch = kPrefetchTiles * R * m.row_bytes;
+    for (int64_t g = 0; g < m.groups; ++g) {
+      __m512 inner[R][T];
+      for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < T; ++t) inner[r][t] = _mm512_setzero_ps();
+      }
+      if (g % 16 == 0) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(scale[r] + g + kPrefetchTiles * R * m.groups);
+      }
+      const int64_t end = (g + 1) * m.group;
+      int64_t i = g * m.group;
+      const auto step = [&](int64_t at, __mmask16 mask) {
+        for (int r = 0; r < R; ++r) {
+          const __m512 w = int8_weights(row[r] + at, mask);
+          for (int t = 0; t < T; ++t) {
+            inner[r][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x[t] + at), inner[r][t]);
+          }
+        }
+      };
+      for (; i + 64 <= end; i += 64) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + i + prefetch);
+        for (int j = 0; j < 64; j += 16) step(i + j, 0xFFFF);
+      }
+      for (; i + 16 <= end; i += 16) step(i, 0xFFFF);
+      if (i < end) step(i, static_cast<__mmask16>((1u << (end - i)) - 1));
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_set1_ps(scale[r][g]);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(inner[r][t], s, acc[r][t]);
+      }
+    }
+    store_sums(acc, valid_rows, out, out_stride);
+  }
+};
+
 void code_dots(const uint8_t* codes, int64_t row_bytes, int64_t rows, const int8_t* const* q, int64_t tokens,
                int32_t* out) {
   tiled_dots<CodeTile>(codes, row_bytes, row_bytes, rows, q, tokens, out);
@@ -172,10 +292,163 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   tiled_dots<FloatTile>(w, k, k, rows, x, tokens, out);
 }
 
+void int4_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  quantized_tiled_dots<Int4Tile>(m, x, tokens, out);
+}
+
+void int8_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  quantized_tiled_dots<Int8Tile>(m, x, tokens, out);
+}
+
+// ---- the prefill tile: row-major dequantisation into a small buffer, then transposed into panels
+
+// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len.
+// (The group of each span or run is found once per call, outside the loop over rows: a division per row and span
+// cost as much as the rest of the dequantisation.)
+void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len; i += kInt4Span) {
+    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const __m512 table = int4_levels(m.scale[r * m.groups + g]);
+      const __m512i v = int4_span(m.data + r * m.row_bytes + byte);
+      _mm512_storeu_ps(w + r * len + i, _mm512_permutexvar_ps(v, table));
+      _mm512_storeu_ps(w + r * len + i + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+    }
+  }
+}
+
+// One run per group the inputs overlap, each whole vectors and a masked last one.
+void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len;) {
+    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
+    const int64_t end = group_end < len ? group_end : len;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const uint8_t* row = m.data + r * m.row_bytes + k0;
+      const __m512 s = _mm512_set1_ps(m.scale[r * m.groups + g]);
+      float* out = w + r * len;
+      int64_t j = i;
+      for (; j + 16 <= end; j += 16) _mm512_storeu_ps(out + j, _mm512_mul_ps(int8_weights(row + j, 0xFFFF), s));
+      if (j < end) {
+        const auto mask = static_cast<__mmask16>((1u << (end - j)) - 1);
+        _mm512_mask_storeu_ps(out + j, mask, _mm512_mul_ps(int8_weights(row + j, mask), s));
+      }
+    }
+    i = end;
+  }
+}
+
+constexpr int64_t kPanelRows = 32;  // two vectors of rows per panel
+constexpr int64_t kPanelChunk = 32;  // inputs dequantized row-major at a time before the transpose
+
+// dst + i * dst_stride (16 floats) = column i of the 16 x 16 block at src (rows src_stride apart), for i < count.
+inline void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+  // within each 128-bit lane: pairs of rows interleaved, then 64-bit pairs: t[4i + c] lane L = column 4L + c of
+  // rows 4i..4i+3
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // then the lanes: column 4L + c takes lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    t[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+  for (int i = 0; i < count; ++i) _mm512_storeu_ps(dst + i * dst_stride, t[i]);
+}
+
+// The tile of Kernels::dequantize_*: each panel's rows dequantized kPanelChunk inputs at a time into a row-major
+// buffer (rows past m.rows zeroed), then transposed 16 x 16 into the panel.
+template <int Bits>
+void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
+  alignas(64) float buf[kPanelRows * kPanelChunk];
+  for (int64_t p = 0; p * kPanelRows < m.rows; ++p) {
+    QuantizedRows sub = m;
+    sub.data += p * kPanelRows * m.row_bytes;
+    sub.scale += p * kPanelRows * m.groups;
+    sub.rows = m.rows - p * kPanelRows < kPanelRows ? m.rows - p * kPanelRows : kPanelRows;
+    float* panel = tile + p * len * kPanelRows;
+    for (int64_t i = 0; i < len; i += kPanelChunk) {
+      const int64_t c = len - i < kPanelChunk ? len - i : kPanelChunk;
+      if (Bits == 4) {
+        rowmajor_int4(sub, k0 + i, c, buf);
+      } else {
+        rowmajor_int8(sub, k0 + i, c, buf);
+      }
+      if (sub.rows < kPanelRows) std::memset(buf + sub.rows * c, 0, (kPanelRows - sub.rows) * c * sizeof(float));
+      for (int64_t h = 0; h < kPanelRows; h += 16) {
+        for (int64_t j = 0; j < c; j += 16) {
+          transpose16(buf + h * c + j, c, panel + (i + j) * kPanelRows + h, kPanelRows, c - j < 16 ? c - j : 16);
+        }
+      }
+    }
+  }
+}
+
+// T tokens over one panel: per input, two vectors of weights (32 rows) times the token's x broadcast.
+struct PanelTile {
+  static constexpr int kTokens = 12;  // 24 accumulators, 2 weight vectors and a broadcast: 27 of 32 registers
+
+  template <int R, int T>
+  static void run(const float* panel, int64_t len, const float* const* x, int64_t valid_rows, float* out,
+                  int64_t out_stride) {
+    __m512 acc[T][2];
+    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < len; ++i) {
+      const __m512 w0 = _mm512_loadu_ps(panel + i * kPanelRows), w1 = _mm512_loadu_ps(panel + i * kPanelRows + 16);
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_set1_ps(x[t][i]);
+        acc[t][0] = _mm512_fmadd_ps(w0, xv, acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(w1, xv, acc[t][1]);
+      }
+    }
+    const auto mask = [&](int64_t from) {
+      const int64_t n = valid_rows - from;
+      return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
+    };
+    const __mmask16 m0 = mask(0), m1 = mask(16);
+    for (int t = 0; t < T; ++t) {
+      _mm512_mask_storeu_ps(out + t * out_stride, m0, acc[t][0]);
+      _mm512_mask_storeu_ps(out + t * out_stride + 16, m1, acc[t][1]);
+    }
+  }
+};
+
+void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
+  constexpr int T = PanelTile::kTokens;
+  for (int64_t p = 0; p * kPanelRows < rows; ++p) {
+    const int64_t valid = rows - p * kPanelRows < kPanelRows ? rows - p * kPanelRows : kPanelRows;
+    // Token tiles of equal size (16 tokens: 8 + 8, not 12 + 4): a narrow tile reuses each weight vector less.
+    const int64_t tiles = (tokens + T - 1) / T;
+    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
+      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
+      TokenTile<PanelTile, 1, T>::run(nt, tile + p * len * kPanelRows, len, x + t0, valid,
+                                      out + t0 * rows + p * kPanelRows, rows);
+      t0 += nt;
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& avx512_kernels() {
-  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots};
+  static const Kernels kernels{kGroup,     quantize<kGroup>, code_dots,            float_dots,
+                               kPanelRows, int4_dots,        int8_dots,            dequantize_panels<4>,
+                               dequantize_panels<8>,         panel_dots};
   return kernels;
 }
 

@@ -3,6 +3,10 @@
 // Ternary: 16 code bytes per vector; plane j = (bytes >> 2j) & 3 (0..3) times the activations' plane j with widening
 // int8 multiplies (vmull/vmlal_s8: four planes add up to at most 4*3*128 = 1536 in int16), then vpadalq_s16 widens
 // pairs into the int32 accumulator.
+//
+// Weight-only int4 and int8: 16 int8 values (an int4 span's low nibbles minus 8, its high nibbles minus 8, or 16 int8
+// weights) widen to int16 and int32 and convert to float; FMAs add them times x into a per-group sum (two per pair,
+// so that the chains overlap) that the group's scale multiplies at the group's end.
 #if defined(__aarch64__)
 
 #include <arm_neon.h>
@@ -111,6 +115,137 @@ struct FloatTile {
   }
 };
 
+// 16 int8 values as four float vectors, in order.
+inline void widen16(int8x16_t v, float32x4_t (&w)[4]) {
+  const int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_high_s8(v);
+  w[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+  w[1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+  w[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+  w[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+}
+
+// An int4 span's 16 bytes as its values 0..15 (low nibbles) and 16..31 (high nibbles), each minus the stored 8.
+inline void int4_span(const uint8_t* p, int8x16_t& lo, int8x16_t& hi) {
+  const uint8x16_t b = vld1q_u8(p);
+  const int8x16_t eight = vdupq_n_s8(8);
+  lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))), eight);
+  hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(b, 4)), eight);
+}
+
+// inner[t][*] += w[0..3] * x[t][0..15] for the 16 weights w (four vectors) of one row; two accumulators per token,
+// so that two FMA chains overlap.
+template <int T>
+inline void fma16(const float32x4_t (&w)[4], const float* const* x, int64_t at, float32x4_t (&inner)[T][2]) {
+  for (int t = 0; t < T; ++t) {
+    for (int j = 0; j < 4; ++j) inner[t][j & 1] = vfmaq_f32(inner[t][j & 1], w[j], vld1q_f32(x[t] + at + 4 * j));
+  }
+}
+
+// R rows x T tokens straight from int4 rows: per group, sum q * x, then acc += scale * sum. One loop over the row's
+// spans (a group of 32 is a single span: a nested loop per group would cost a loop per 32 weights).
+struct Int4Tile {
+  static constexpr int kRowsSingle = 4, kRows = 2, kTokens = 2;
+
+  template <int R, int T>
+  static void run(const uint8_t* const* row, const float* const* scale, const QuantizedRows& m,
+                  const float* const* x, int64_t valid_rows, float* out, int64_t out_stride) {
+    float32x4_t acc[R][T], inner[R][T][2];
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) acc[r][t] = inner[r][t][0] = inner[r][t][1] = vdupq_n_f32(0.0f);
+    }
+    const int64_t spans = m.k / kInt4Span, per_group = m.group / kInt4Span;
+    for (int64_t sp = 0, g = 0, left = per_group; sp < spans; ++sp) {
+      const int64_t k0 = sp * kInt4Span, byte = k0 / 2;
+      if (byte % 64 == 0) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + byte + kPrefetchTiles * R * m.row_bytes);
+      }
+      for (int r = 0; r < R; ++r) {
+        int8x16_t v[2];
+        int4_span(row[r] + byte, v[0], v[1]);
+        for (int h = 0; h < 2; ++h) {
+          float32x4_t w[4];
+          widen16(v[h], w);
+          fma16(w, x, k0 + 16 * h, inner[r]);
+        }
+      }
+      if (--left == 0) {  // the group's end: scale its sums
+        if (g % 16 == 0) {
+          for (int r = 0; r < R; ++r) __builtin_prefetch(scale[r] + g + kPrefetchTiles * R * m.groups);
+        }
+        for (int r = 0; r < R; ++r) {
+          const float s = scale[r][g];
+          for (int t = 0; t < T; ++t) {
+            acc[r][t] = vfmaq_n_f32(acc[r][t], vaddq_f32(inner[r][t][0], inner[r][t][1]), s);
+            inner[r][t][0] = inner[r][t][1] = vdupq_n_f32(0.0f);
+          }
+        }
+        left = per_group;
+        ++g;
+      }
+    }
+    for (int r = 0; r < valid_rows; ++r) {
+      for (int t = 0; t < T; ++t) out[t * out_stride + r] = vaddvq_f32(acc[r][t]);
+    }
+  }
+};
+
+// R rows x T tokens straight from int8 rows: per group, sum q * x, then acc += scale * sum. A group is walked 64
+// bytes (a line, prefetched once) at a time, then in whole vectors of 16, then its last < 16 values one at a time.
+struct Int8Tile {
+  static constexpr int kRowsSingle = 4, kRows = 2, kTokens = 2;
+
+  template <int R, int T>
+  static void run(const uint8_t* const* row, const float* const* scale, const QuantizedRows& m,
+                  const float* const* x, int64_t valid_rows, float* out, int64_t out_stride) {
+    float32x4_t acc[R][T];
+    float tail[R][T] = {};
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) acc[r][t] = vdupq_n_f32(0.0f);
+    }
+    const int64_t prefetch = kPrefetchTiles * R * m.row_bytes;
+    for (int64_t g = 0; g < m.groups; ++g) {
+      float32x4_t inner[R][T][2];
+      float rest[R][T] = {};
+      for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < T; ++t) inner[r][t][0] = inner[r][t][1] = vdupq_n_f32(0.0f);
+      }
+      if (g % 16 == 0) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(scale[r] + g + kPrefetchTiles * R * m.groups);
+      }
+      const int64_t end = (g + 1) * m.group;
+      int64_t i = g * m.group;
+      const auto step = [&](int64_t at) {
+        for (int r = 0; r < R; ++r) {
+          float32x4_t w[4];
+          widen16(vld1q_s8(reinterpret_cast<const int8_t*>(row[r] + at)), w);
+          fma16(w, x, at, inner[r]);
+        }
+      };
+      for (; i + 64 <= end; i += 64) {
+        for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + i + prefetch);
+        for (int j = 0; j < 64; j += 16) step(i + j);
+      }
+      for (; i + 16 <= end; i += 16) step(i);
+      for (; i < end; ++i) {
+        for (int r = 0; r < R; ++r) {
+          const float w = static_cast<float>(static_cast<int8_t>(row[r][i]));
+          for (int t = 0; t < T; ++t) rest[r][t] += w * x[t][i];
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float s = scale[r][g];
+        for (int t = 0; t < T; ++t) {
+          acc[r][t] = vfmaq_n_f32(acc[r][t], vaddq_f32(inner[r][t][0], inner[r][t][1]), s);
+          tail[r][t] += rest[r][t] * s;
+        }
+      }
+    }
+    for (int r = 0; r < valid_rows; ++r) {
+      for (int t = 0; t < T; ++t) out[t * out_stride + r] = vaddvq_f32(acc[r][t]) + tail[r][t];
+    }
+  }
+};
+
 void code_dots(const uint8_t* codes, int64_t row_bytes, int64_t rows, const int8_t* const* q, int64_t tokens,
                int32_t* out) {
   tiled_dots<CodeTile>(codes, row_bytes, row_bytes, rows, q, tokens, out);
@@ -120,10 +255,169 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   tiled_dots<FloatTile>(w, k, k, rows, x, tokens, out);
 }
 
+void int4_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  quantized_tiled_dots<Int4Tile>(m, x, tokens, out);
+}
+
+void int8_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  quantized_tiled_dots<Int8Tile>(m, x, tokens, out);
+}
+
+// ---- the prefill tile: row-major dequantisation into a small buffer, then transposed into panels
+
+// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len. (The group of each span or run is found once per call,
+// outside the loop over rows: a division per row and span costs as much as the rest of the dequantisation.)
+void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len; i += kInt4Span) {
+    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const float s = m.scale[r * m.groups + g];
+      int8x16_t v[2];
+      int4_span(m.data + r * m.row_bytes + byte, v[0], v[1]);
+      for (int h = 0; h < 2; ++h) {
+        float32x4_t f[4];
+        widen16(v[h], f);
+        for (int j = 0; j < 4; ++j) vst1q_f32(w + r * len + i + 16 * h + 4 * j, vmulq_n_f32(f[j], s));
+      }
+    }
+  }
+}
+
+// One run per group the inputs overlap: whole vectors, then the run's last < 16 values one at a time.
+void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len;) {
+    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
+    const int64_t end = group_end < len ? group_end : len;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const uint8_t* row = m.data + r * m.row_bytes + k0;
+      const float s = m.scale[r * m.groups + g];
+      float* out = w + r * len;
+      int64_t j = i;
+      for (; j + 16 <= end; j += 16) {
+        float32x4_t f[4];
+        widen16(vld1q_s8(reinterpret_cast<const int8_t*>(row + j)), f);
+        for (int q = 0; q < 4; ++q) vst1q_f32(out + j + 4 * q, vmulq_n_f32(f[q], s));
+      }
+      for (; j < end; ++j) out[j] = static_cast<float>(static_cast<int8_t>(row[j])) * s;
+    }
+    i = end;
+  }
+}
+
+constexpr int64_t kPanelRows = 8;    // two vectors of rows per panel
+constexpr int64_t kPanelChunk = 32;  // inputs dequantized row-major at a time before the transpose
+
+// dst + i * dst_stride (4 floats) = column i of the 4 x 4 block at src (rows src_stride apart), for i < count.
+inline void transpose4(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
+  const float32x4_t a = vld1q_f32(src), b = vld1q_f32(src + src_stride);
+  const float32x4_t c = vld1q_f32(src + 2 * src_stride), d = vld1q_f32(src + 3 * src_stride);
+  // {a0 b0 a2 b2}, {a1 b1 a3 b3}, {c0 d0 c2 d2}, {c1 d1 c3 d3}; then 64-bit halves pair them into columns
+  const float64x2_t ab0 = vreinterpretq_f64_f32(vtrn1q_f32(a, b)), ab1 = vreinterpretq_f64_f32(vtrn2q_f32(a, b));
+  const float64x2_t cd0 = vreinterpretq_f64_f32(vtrn1q_f32(c, d)), cd1 = vreinterpretq_f64_f32(vtrn2q_f32(c, d));
+  const float32x4_t col[4] = {vreinterpretq_f32_f64(vzip1q_f64(ab0, cd0)), vreinterpretq_f32_f64(vzip1q_f64(ab1, cd1)),
+                              vreinterpretq_f32_f64(vzip2q_f64(ab0, cd0)), vreinterpretq_f32_f64(vzip2q_f64(ab1, cd1))};
+  for (int i = 0; i < count; ++i) vst1q_f32(dst + i * dst_stride, col[i]);
+}
+
+// The tile of Kernels::dequantize_*: each panel's rows dequantized kPanelChunk inputs at a time into a row-major
+// buffer (rows past m.rows zeroed), then transposed 4 x 4 into the panel.
+template <int Bits>
+void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
+  alignas(16) float buf[kPanelRows * kPanelChunk];
+  for (int64_t p = 0; p * kPanelRows < m.rows; ++p) {
+    QuantizedRows sub = m;
+    sub.data += p * kPanelRows * m.row_bytes;
+    sub.scale += p * kPanelRows * m.groups;
+    sub.rows = m.rows - p * kPanelRows < kPanelRows ? m.rows - p * kPanelRows : kPanelRows;
+    float* panel = tile + p * len * kPanelRows;
+    for (int64_t i = 0; i < len; i += kPanelChunk) {
+      const int64_t c = len - i < kPanelChunk ? len - i : kPanelChunk;
+      if (Bits == 4) {
+        rowmajor_int4(sub, k0 + i, c, buf);
+      } else {
+        rowmajor_int8(sub, k0 + i, c, buf);
+      }
+      if (sub.rows < kPanelRows) std::memset(buf + sub.rows * c, 0, (kPanelRows - sub.rows) * c * sizeof(float));
+      for (int64_t h = 0; h < kPanelRows; h += 4) {
+        for (int64_t j = 0; j < c; j += 4) {
+          transpose4(buf + h * c + j, c, panel + (i + j) * kPanelRows + h, kPanelRows, c - j < 4 ? c - j : 4);
+        }
+      }
+    }
+  }
+}
+
+// T tokens over one panel: per input, two vectors of weights (8 rows) times the token's x, taken by lane from a
+// vector of four of its inputs (one load of x per four inputs).
+struct PanelTile {
+  static constexpr int kTokens = 8;  // 16 accumulators, 8 vectors of x and 2 of weights: 26 of 32 registers
+
+  template <int J, int T>
+  static void lane(const float* w, const float32x4_t (&xq)[T], float32x4_t (&acc)[T][2]) {
+    const float32x4_t w0 = vld1q_f32(w), w1 = vld1q_f32(w + 4);
+    for (int t = 0; t < T; ++t) {
+      acc[t][0] = vfmaq_laneq_f32(acc[t][0], w0, xq[t], J);
+      acc[t][1] = vfmaq_laneq_f32(acc[t][1], w1, xq[t], J);
+    }
+  }
+
+  template <int R, int T>
+  static void run(const float* panel, int64_t len, const float* const* x, int64_t valid_rows, float* out,
+                  int64_t out_stride) {
+    float32x4_t acc[T][2];
+    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+    int64_t i = 0;
+    for (; i + 4 <= len; i += 4) {
+      float32x4_t xq[T];
+      for (int t = 0; t < T; ++t) xq[t] = vld1q_f32(x[t] + i);
+      const float* w = panel + i * kPanelRows;
+      lane<0>(w, xq, acc);
+      lane<1>(w + kPanelRows, xq, acc);
+      lane<2>(w + 2 * kPanelRows, xq, acc);
+      lane<3>(w + 3 * kPanelRows, xq, acc);
+    }
+    for (; i < len; ++i) {
+      const float32x4_t w0 = vld1q_f32(panel + i * kPanelRows), w1 = vld1q_f32(panel + i * kPanelRows + 4);
+      for (int t = 0; t < T; ++t) {
+        acc[t][0] = vfmaq_n_f32(acc[t][0], w0, x[t][i]);
+        acc[t][1] = vfmaq_n_f32(acc[t][1], w1, x[t][i]);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      if (valid_rows == kPanelRows) {
+        vst1q_f32(out + t * out_stride, acc[t][0]);
+        vst1q_f32(out + t * out_stride + 4, acc[t][1]);
+      } else {
+        float all[kPanelRows];
+        vst1q_f32(all, acc[t][0]);
+        vst1q_f32(all + 4, acc[t][1]);
+        for (int r = 0; r < valid_rows; ++r) out[t * out_stride + r] = all[r];
+      }
+    }
+  }
+};
+
+void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
+  constexpr int T = PanelTile::kTokens;
+  for (int64_t p = 0; p * kPanelRows < rows; ++p) {
+    const int64_t valid = rows - p * kPanelRows < kPanelRows ? rows - p * kPanelRows : kPanelRows;
+    // Token tiles of equal size (12 tokens: 6 + 6, not 8 + 4): a narrow tile reuses each weight vector less.
+    const int64_t tiles = (tokens + T - 1) / T;
+    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
+      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
+      TokenTile<PanelTile, 1, T>::run(nt, tile + p * len * kPanelRows, len, x + t0, valid,
+                                      out + t0 * rows + p * kPanelRows, rows);
+      t0 += nt;
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& neon_kernels() {
-  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots};
+  static const Kernels kernels{kGroup,     quantize<kGroup>, code_dots,            float_dots,
+                               kPanelRows, int4_dots,        int8_dots,            dequantize_panels<4>,
+                               dequantize_panels<8>,         panel_dots};
   return kernels;
 }
 

@@ -78,9 +78,13 @@ void code_dots(const uint8_t* codes, int64_t row_bytes, int64_t rows, const int8
 
 }  // namespace
 
-// The fp32 baseline gains nothing from dotprod: it reuses the armv8-a FMA kernel.
+// The fp32 and the weight-only kernels gain nothing from dotprod (their products are fp32): they reuse the armv8-a
+// kernels.
 const Kernels& neon_dotprod_kernels() {
-  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, neon_kernels().float_dots};
+  const Kernels& neon = neon_kernels();
+  static const Kernels kernels{kGroup,          quantize<kGroup>,     code_dots,           neon.float_dots,
+                               neon.panel_rows, neon.int4_dots,       neon.int8_dots,      neon.dequantize_int4,
+                               neon.dequantize_int8,                  neon.panel_dots};
   return kernels;
 }
 

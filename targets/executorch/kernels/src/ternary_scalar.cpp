@@ -45,10 +45,64 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   }
 }
 
+// Value i of an int4 span (its 16 bytes at b).
+inline int int4_value(const uint8_t* b, int64_t i) { return i < 16 ? (b[i] & 15) - 8 : (b[i - 16] >> 4) - 8; }
+
+// sum_k W[k] * x[k] of one row: per group, sum q * x (four partial sums), then acc += scale * sum.
+template <int Bits>
+float quantized_dot(const uint8_t* row, const float* scale, const QuantizedRows& m, const float* x) {
+  float acc = 0.0f;
+  for (int64_t g = 0; g < m.groups; ++g) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t i = g * m.group; i < (g + 1) * m.group; i += 4) {  // int4 groups are multiples of 32
+      for (int j = 0; j < 4 && i + j < (g + 1) * m.group; ++j) {
+        const int64_t k = i + j;
+        const int q = Bits == 4 ? int4_value(row + k / kInt4Span * 16, k % kInt4Span) : static_cast<int8_t>(row[k]);
+        s[j] += static_cast<float>(q) * x[k];
+      }
+    }
+    acc += ((s[0] + s[1]) + (s[2] + s[3])) * scale[g];
+  }
+  return acc;
+}
+
+template <int Bits>
+void quantized_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t r = 0; r < m.rows; ++r) {
+      out[t * m.rows + r] = quantized_dot<Bits>(m.data + r * m.row_bytes, m.scale + r * m.groups, m, x[t]);
+    }
+  }
+}
+
+// Panels of one row: the prefill tile is plain row-major, and panel_dots is float_dots.
+constexpr int64_t kPanelRows = 1;
+
+// One run per group the inputs overlap (a division per run, not per value).
+template <int Bits>
+void dequantize(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len;) {
+    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
+    const int64_t end = group_end < len ? group_end : len;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const uint8_t* row = m.data + r * m.row_bytes;
+      const float s = m.scale[r * m.groups + g];
+      for (int64_t j = i; j < end; ++j) {
+        const int64_t k = k0 + j;
+        const int q = Bits == 4 ? int4_value(row + k / kInt4Span * 16, k % kInt4Span) : static_cast<int8_t>(row[k]);
+        w[r * len + j] = static_cast<float>(q) * s;
+      }
+    }
+    i = end;
+  }
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
-  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots};
+  static const Kernels kernels{kGroup,        quantize<kGroup>,  code_dots,         float_dots,
+                               kPanelRows,    quantized_dots<4>, quantized_dots<8>, dequantize<4>,
+                               dequantize<8>, float_dots};
   return kernels;
 }
 
