@@ -129,7 +129,8 @@ def parse_args(argv):
         owners = [name for name in sorted(REGISTRY) if name != known.target and flag in
                   {o.flag(f) for o in [get_target(name).Options] for f in o.cli_fields()}]
         if owners:
-            raise UsageError(f"{flag} is an option of --target {' / '.join(owners)}, not of --target {known.target}")
+            raise UsageError(f"{flag} is an option of {' and of '.join(f'--target {o}' for o in owners)}, "
+                             f"not of --target {known.target}")
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     args.target_options = options_class.from_args(args)

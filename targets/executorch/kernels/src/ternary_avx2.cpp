@@ -273,111 +273,55 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   tiled_dots<FloatTile>(w, k, k, rows, x, tokens, out);
 }
 
-void int4_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
-  quantized_tiled_dots<Int4Tile>(m, x, tokens, out);
-}
-
-void int8_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
-  quantized_tiled_dots<Int8Tile>(m, x, tokens, out);
-}
-
-// ---- the prefill tile: row-major dequantisation into a small buffer, then transposed into panels
-
-// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len.
-// (The group of each span or run is found once per call, outside the loop over rows: a division per row and span
-// cost as much as the rest of the dequantisation.)
-void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
-  for (int64_t i = 0; i < len; i += kInt4Span) {
-    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const __m256 s = _mm256_set1_ps(m.scale[r * m.groups + g]);
-      float* out = w + r * len + i;
-      for (int h = 0; h < 2; ++h) {
-        const __m256i v = widen8(m.data + r * m.row_bytes + byte + 8 * h);
-        _mm256_storeu_ps(out + 8 * h, _mm256_mul_ps(int4_low(v), s));
-        _mm256_storeu_ps(out + 16 + 8 * h, _mm256_mul_ps(int4_high(v), s));
-      }
-    }
-  }
-}
-
-// One run per group the inputs overlap: whole vectors, then the run's last < 8 values one at a time.
-void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
-  for (int64_t i = 0; i < len;) {
-    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
-    const int64_t end = group_end < len ? group_end : len;
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const uint8_t* row = m.data + r * m.row_bytes + k0;
-      const float sg = m.scale[r * m.groups + g];
-      const __m256 s = _mm256_set1_ps(sg);
-      float* out = w + r * len;
-      int64_t j = i;
-      for (; j + 8 <= end; j += 8) {
-        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
-      }
-      for (; j < end; ++j) out[j] = static_cast<float>(static_cast<int8_t>(row[j])) * sg;
-    }
-    i = end;
-  }
-}
-
-constexpr int64_t kPanelRows = 16;  // two vectors of rows per panel
-constexpr int64_t kPanelChunk = 32;  // inputs dequantized row-major at a time before the transpose
-
-// dst + i * dst_stride (8 floats) = column i of the 8 x 8 block at src (rows src_stride apart), for i < count.
-inline void transpose8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4h + c] lane L = column 4L + c of rows 4h..4h+3
-  for (int h = 0; h < 2; ++h) {
-    r[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
-    r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
-    r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
-    r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    t[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
-    t[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
-  }
-  for (int i = 0; i < count; ++i) _mm256_storeu_ps(dst + i * dst_stride, t[i]);
-}
-
-// The tile of Kernels::dequantize_*: each panel's rows dequantized kPanelChunk inputs at a time into a row-major
-// buffer (rows past m.rows zeroed), then transposed 8 x 8 into the panel.
-template <int Bits>
-void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
-  alignas(32) float buf[kPanelRows * kPanelChunk];
-  for (int64_t p = 0; p * kPanelRows < m.rows; ++p) {
-    QuantizedRows sub = m;
-    sub.data += p * kPanelRows * m.row_bytes;
-    sub.scale += p * kPanelRows * m.groups;
-    sub.rows = m.rows - p * kPanelRows < kPanelRows ? m.rows - p * kPanelRows : kPanelRows;
-    float* panel = tile + p * len * kPanelRows;
-    for (int64_t i = 0; i < len; i += kPanelChunk) {
-      const int64_t c = len - i < kPanelChunk ? len - i : kPanelChunk;
-      if (Bits == 4) {
-        rowmajor_int4(sub, k0 + i, c, buf);
-      } else {
-        rowmajor_int8(sub, k0 + i, c, buf);
-      }
-      if (sub.rows < kPanelRows) std::memset(buf + sub.rows * c, 0, (kPanelRows - sub.rows) * c * sizeof(float));
-      for (int64_t h = 0; h < kPanelRows; h += 8) {
-        for (int64_t j = 0; j < c; j += 8) {
-          transpose8(buf + h * c + j, c, panel + (i + j) * kPanelRows + h, kPanelRows, c - j < 8 ? c - j : 8);
-        }
-      }
-    }
-  }
-}
-
-// T tokens over one panel: per input, two vectors of weights (16 rows) times the token's x broadcast.
+// ---- the prefill tile (ternary_isa.h: dequantize_panels, panel_dots): row-major dequantisation into a small
+// buffer, transposed 8 x 8 into panels of 16 rows, then per input of a panel, two vectors of weights (16 rows) times
+// each token's x broadcast.
 struct PanelTile {
+  static constexpr int64_t kRows = 16;   // two vectors of rows per panel
+  static constexpr int64_t kChunk = 32;  // inputs dequantized row-major at a time before the transpose
+  static constexpr int64_t kBlock = 8;
   static constexpr int kTokens = 6;  // 12 accumulators, 2 weight vectors and a broadcast: 15 of 16 registers
+
+  static void dequantize_span(const uint8_t* span, float sg, float* w) {
+    const __m256 s = _mm256_set1_ps(sg);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = widen8(span + 8 * h);
+      _mm256_storeu_ps(w + 8 * h, _mm256_mul_ps(int4_low(v), s));
+      _mm256_storeu_ps(w + 16 + 8 * h, _mm256_mul_ps(int4_high(v), s));
+    }
+  }
+
+  // Whole vectors, then the run's last < 8 values one at a time.
+  static void dequantize_run(const uint8_t* row, float sg, float* w, int64_t begin, int64_t end) {
+    const __m256 s = _mm256_set1_ps(sg);
+    int64_t j = begin;
+    for (; j + 8 <= end; j += 8) {
+      const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+      _mm256_storeu_ps(w + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+    }
+    for (; j < end; ++j) w[j] = static_cast<float>(static_cast<int8_t>(row[j])) * sg;
+  }
+
+  static void transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // r[4h + c] lane L = column 4L + c of rows 4h..4h+3
+    for (int h = 0; h < 2; ++h) {
+      r[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+      r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+      r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+      r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      t[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+      t[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+    }
+    for (int i = 0; i < count; ++i) _mm256_storeu_ps(dst + i * dst_stride, t[i]);
+  }
 
   template <int R, int T>
   static void run(const float* panel, int64_t len, const float* const* x, int64_t valid_rows, float* out,
@@ -385,7 +329,7 @@ struct PanelTile {
     __m256 acc[T][2];
     for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t i = 0; i < len; ++i) {
-      const __m256 w0 = _mm256_loadu_ps(panel + i * kPanelRows), w1 = _mm256_loadu_ps(panel + i * kPanelRows + 8);
+      const __m256 w0 = _mm256_loadu_ps(panel + i * kRows), w1 = _mm256_loadu_ps(panel + i * kRows + 8);
       for (int t = 0; t < T; ++t) {
         const __m256 xv = _mm256_broadcast_ss(x[t] + i);
         acc[t][0] = _mm256_fmadd_ps(w0, xv, acc[t][0]);
@@ -402,27 +346,12 @@ struct PanelTile {
   }
 };
 
-void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
-  constexpr int T = PanelTile::kTokens;
-  for (int64_t p = 0; p * kPanelRows < rows; ++p) {
-    const int64_t valid = rows - p * kPanelRows < kPanelRows ? rows - p * kPanelRows : kPanelRows;
-    // Token tiles of equal size (16 tokens: 8 + 8, not 12 + 4): a narrow tile reuses each weight vector less.
-    const int64_t tiles = (tokens + T - 1) / T;
-    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
-      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
-      TokenTile<PanelTile, 1, T>::run(nt, tile + p * len * kPanelRows, len, x + t0, valid,
-                                      out + t0 * rows + p * kPanelRows, rows);
-      t0 += nt;
-    }
-  }
-}
-
 }  // namespace
 
 const Kernels& avx2_kernels() {
-  static const Kernels kernels{kGroup,     quantize<kGroup>, code_dots,            float_dots,
-                               kPanelRows, int4_dots,        int8_dots,            dequantize_panels<4>,
-                               dequantize_panels<8>,         panel_dots};
+  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots, PanelTile::kRows,
+                               quantized_tiled_dots<Int4Tile>, quantized_tiled_dots<Int8Tile>,
+                               dequantize_panels<PanelTile, 4>, dequantize_panels<PanelTile, 8>, panel_dots<PanelTile>};
   return kernels;
 }
 

@@ -292,116 +292,62 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   tiled_dots<FloatTile>(w, k, k, rows, x, tokens, out);
 }
 
-void int4_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
-  quantized_tiled_dots<Int4Tile>(m, x, tokens, out);
-}
-
-void int8_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
-  quantized_tiled_dots<Int8Tile>(m, x, tokens, out);
-}
-
-// ---- the prefill tile: row-major dequantisation into a small buffer, then transposed into panels
-
-// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len.
-// (The group of each span or run is found once per call, outside the loop over rows: a division per row and span
-// cost as much as the rest of the dequantisation.)
-void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
-  for (int64_t i = 0; i < len; i += kInt4Span) {
-    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const __m512 table = int4_levels(m.scale[r * m.groups + g]);
-      const __m512i v = int4_span(m.data + r * m.row_bytes + byte);
-      _mm512_storeu_ps(w + r * len + i, _mm512_permutexvar_ps(v, table));
-      _mm512_storeu_ps(w + r * len + i + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
-    }
-  }
-}
-
-// One run per group the inputs overlap, each whole vectors and a masked last one.
-void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
-  for (int64_t i = 0; i < len;) {
-    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
-    const int64_t end = group_end < len ? group_end : len;
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const uint8_t* row = m.data + r * m.row_bytes + k0;
-      const __m512 s = _mm512_set1_ps(m.scale[r * m.groups + g]);
-      float* out = w + r * len;
-      int64_t j = i;
-      for (; j + 16 <= end; j += 16) _mm512_storeu_ps(out + j, _mm512_mul_ps(int8_weights(row + j, 0xFFFF), s));
-      if (j < end) {
-        const auto mask = static_cast<__mmask16>((1u << (end - j)) - 1);
-        _mm512_mask_storeu_ps(out + j, mask, _mm512_mul_ps(int8_weights(row + j, mask), s));
-      }
-    }
-    i = end;
-  }
-}
-
-constexpr int64_t kPanelRows = 32;  // two vectors of rows per panel
-constexpr int64_t kPanelChunk = 32;  // inputs dequantized row-major at a time before the transpose
-
-// dst + i * dst_stride (16 floats) = column i of the 16 x 16 block at src (rows src_stride apart), for i < count.
-inline void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
-  // within each 128-bit lane: pairs of rows interleaved, then 64-bit pairs: t[4i + c] lane L = column 4L + c of
-  // rows 4i..4i+3
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  // then the lanes: column 4L + c takes lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-  }
-  for (int i = 0; i < count; ++i) _mm512_storeu_ps(dst + i * dst_stride, t[i]);
-}
-
-// The tile of Kernels::dequantize_*: each panel's rows dequantized kPanelChunk inputs at a time into a row-major
-// buffer (rows past m.rows zeroed), then transposed 16 x 16 into the panel.
-template <int Bits>
-void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
-  alignas(64) float buf[kPanelRows * kPanelChunk];
-  for (int64_t p = 0; p * kPanelRows < m.rows; ++p) {
-    QuantizedRows sub = m;
-    sub.data += p * kPanelRows * m.row_bytes;
-    sub.scale += p * kPanelRows * m.groups;
-    sub.rows = m.rows - p * kPanelRows < kPanelRows ? m.rows - p * kPanelRows : kPanelRows;
-    float* panel = tile + p * len * kPanelRows;
-    for (int64_t i = 0; i < len; i += kPanelChunk) {
-      const int64_t c = len - i < kPanelChunk ? len - i : kPanelChunk;
-      if (Bits == 4) {
-        rowmajor_int4(sub, k0 + i, c, buf);
-      } else {
-        rowmajor_int8(sub, k0 + i, c, buf);
-      }
-      if (sub.rows < kPanelRows) std::memset(buf + sub.rows * c, 0, (kPanelRows - sub.rows) * c * sizeof(float));
-      for (int64_t h = 0; h < kPanelRows; h += 16) {
-        for (int64_t j = 0; j < c; j += 16) {
-          transpose16(buf + h * c + j, c, panel + (i + j) * kPanelRows + h, kPanelRows, c - j < 16 ? c - j : 16);
-        }
-      }
-    }
-  }
-}
-
-// T tokens over one panel: per input, two vectors of weights (32 rows) times the token's x broadcast.
+// ---- the prefill tile (ternary_isa.h: dequantize_panels, panel_dots): row-major dequantisation into a small
+// buffer, transposed 16 x 16 into panels of 32 rows, then per input of a panel, two vectors of weights (32 rows)
+// times each token's x broadcast.
 struct PanelTile {
+  static constexpr int64_t kRows = 32;   // two vectors of rows per panel
+  static constexpr int64_t kChunk = 32;  // inputs dequantized row-major at a time before the transpose
+  static constexpr int64_t kBlock = 16;
   static constexpr int kTokens = 12;  // 24 accumulators, 2 weight vectors and a broadcast: 27 of 32 registers
+
+  static void dequantize_span(const uint8_t* span, float sg, float* w) {
+    const __m512 table = int4_levels(sg);
+    const __m512i v = int4_span(span);
+    _mm512_storeu_ps(w, _mm512_permutexvar_ps(v, table));
+    _mm512_storeu_ps(w + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+  }
+
+  // Whole vectors and a masked last one.
+  static void dequantize_run(const uint8_t* row, float sg, float* w, int64_t begin, int64_t end) {
+    const __m512 s = _mm512_set1_ps(sg);
+    int64_t j = begin;
+    for (; j + 16 <= end; j += 16) _mm512_storeu_ps(w + j, _mm512_mul_ps(int8_weights(row + j, 0xFFFF), s));
+    if (j < end) {
+      const auto mask = static_cast<__mmask16>((1u << (end - j)) - 1);
+      _mm512_mask_storeu_ps(w + j, mask, _mm512_mul_ps(int8_weights(row + j, mask), s));
+    }
+  }
+
+  static void transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+    // within each 128-bit lane: pairs of rows interleaved, then 64-bit pairs: t[4i + c] lane L = column 4L + c of
+    // rows 4i..4i+3
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    // then the lanes: column 4L + c takes lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+    for (int c = 0; c < 4; ++c) {
+      const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+      const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+      const __m512 v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+      t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+      t[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+      t[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+      t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+    for (int i = 0; i < count; ++i) _mm512_storeu_ps(dst + i * dst_stride, t[i]);
+  }
 
   template <int R, int T>
   static void run(const float* panel, int64_t len, const float* const* x, int64_t valid_rows, float* out,
@@ -409,7 +355,7 @@ struct PanelTile {
     __m512 acc[T][2];
     for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t i = 0; i < len; ++i) {
-      const __m512 w0 = _mm512_loadu_ps(panel + i * kPanelRows), w1 = _mm512_loadu_ps(panel + i * kPanelRows + 16);
+      const __m512 w0 = _mm512_loadu_ps(panel + i * kRows), w1 = _mm512_loadu_ps(panel + i * kRows + 16);
       for (int t = 0; t < T; ++t) {
         const __m512 xv = _mm512_set1_ps(x[t][i]);
         acc[t][0] = _mm512_fmadd_ps(w0, xv, acc[t][0]);
@@ -428,27 +374,12 @@ struct PanelTile {
   }
 };
 
-void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
-  constexpr int T = PanelTile::kTokens;
-  for (int64_t p = 0; p * kPanelRows < rows; ++p) {
-    const int64_t valid = rows - p * kPanelRows < kPanelRows ? rows - p * kPanelRows : kPanelRows;
-    // Token tiles of equal size (16 tokens: 8 + 8, not 12 + 4): a narrow tile reuses each weight vector less.
-    const int64_t tiles = (tokens + T - 1) / T;
-    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
-      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
-      TokenTile<PanelTile, 1, T>::run(nt, tile + p * len * kPanelRows, len, x + t0, valid,
-                                      out + t0 * rows + p * kPanelRows, rows);
-      t0 += nt;
-    }
-  }
-}
-
 }  // namespace
 
 const Kernels& avx512_kernels() {
-  static const Kernels kernels{kGroup,     quantize<kGroup>, code_dots,            float_dots,
-                               kPanelRows, int4_dots,        int8_dots,            dequantize_panels<4>,
-                               dequantize_panels<8>,         panel_dots};
+  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots, PanelTile::kRows,
+                               quantized_tiled_dots<Int4Tile>, quantized_tiled_dots<Int8Tile>,
+                               dequantize_panels<PanelTile, 4>, dequantize_panels<PanelTile, 8>, panel_dots<PanelTile>};
   return kernels;
 }
 

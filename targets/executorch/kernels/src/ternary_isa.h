@@ -3,11 +3,12 @@
 //
 // Private to the kernel library. Every instruction-set source is compiled with its own flags, so nothing here may be
 // an inline function or a template that two sources would both emit (the linker could keep the AVX-512 copy for the
-// scalar path): the header declares, and the tiling template below is only ever instantiated on types that live in an
-// anonymous namespace, which gives each instantiation internal linkage.
+// scalar path): the header declares, and the tiling templates below are only ever instantiated on types that live in
+// an anonymous namespace, which gives each instantiation internal linkage.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace mote::isa {
 
@@ -162,6 +163,93 @@ template <class Tile>
 void quantized_tiled_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
   if (tokens == 1) return quantized_row_tiles<Tile, Tile::kRowsSingle, 1>(m, x, tokens, out);
   quantized_row_tiles<Tile, Tile::kRows, Tile::kTokens>(m, x, tokens, out);
+}
+
+
+// The prefill path's tile (Kernels::dequantize_* and panel_dots) over panels of Panel::kRows rows, the walk shared
+// by the vector sources. `Panel` (a type in the caller's anonymous namespace) provides
+//     kRows   (Kernels::panel_rows: two vectors of rows),
+//     kChunk  (inputs dequantized row-major at a time before the transpose, a multiple of the int4 span),
+//     kBlock  (the side of the transpose's square block, which divides kRows and kChunk),
+//     kTokens (the widest token tile of run),
+//     static void dequantize_span(const uint8_t* span, float s, float* w);   // w[0, 32) = int4 span times s
+//     static void dequantize_run(const uint8_t* row, float s, float* w, int64_t begin, int64_t end);
+//                                                   // w[j] = int8 row[j] times s for begin <= j < end
+//     static void transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count);
+//                                                   // dst + i * dst_stride (kBlock floats) = column i of the
+//                                                   // kBlock x kBlock block at src (rows src_stride apart), i < count
+// and, for TokenTile, run<1, T>(panel, len, x, valid_rows, out, out_stride): the panel's rows times T tokens.
+
+// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len (int4: k0 and len multiples of the span).
+// (The group of each span or run is found once per call, outside the loop over rows: a division per row and span
+// cost as much as the rest of the dequantisation.)
+template <class Panel>
+void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len; i += kInt4Span) {
+    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      Panel::dequantize_span(m.data + r * m.row_bytes + byte, m.scale[r * m.groups + g], w + r * len + i);
+    }
+  }
+}
+
+// One run per group the inputs overlap.
+template <class Panel>
+void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
+  for (int64_t i = 0; i < len;) {
+    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
+    const int64_t end = group_end < len ? group_end : len;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      Panel::dequantize_run(m.data + r * m.row_bytes + k0, m.scale[r * m.groups + g], w + r * len, i, end);
+    }
+    i = end;
+  }
+}
+
+// Kernels::dequantize_*: each panel's rows dequantized kChunk inputs at a time into a row-major buffer (rows past
+// m.rows zeroed), then transposed kBlock x kBlock into the panel.
+template <class Panel, int Bits>
+void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
+  constexpr int64_t P = Panel::kRows, C = Panel::kChunk, B = Panel::kBlock;
+  alignas(64) float buf[P * C];
+  for (int64_t p = 0; p * P < m.rows; ++p) {
+    QuantizedRows sub = m;
+    sub.data += p * P * m.row_bytes;
+    sub.scale += p * P * m.groups;
+    sub.rows = m.rows - p * P < P ? m.rows - p * P : P;
+    float* panel = tile + p * len * P;
+    for (int64_t i = 0; i < len; i += C) {
+      const int64_t c = len - i < C ? len - i : C;
+      if (Bits == 4) {
+        rowmajor_int4<Panel>(sub, k0 + i, c, buf);
+      } else {
+        rowmajor_int8<Panel>(sub, k0 + i, c, buf);
+      }
+      if (sub.rows < P) std::memset(buf + sub.rows * c, 0, (P - sub.rows) * c * sizeof(float));
+      for (int64_t h = 0; h < P; h += B) {
+        for (int64_t j = 0; j < c; j += B) {
+          Panel::transpose(buf + h * c + j, c, panel + (i + j) * P + h, P, c - j < B ? c - j : B);
+        }
+      }
+    }
+  }
+}
+
+// Kernels::panel_dots: each panel against token tiles of equal size (for kTokens 12, 16 tokens as 8 + 8, not
+// 12 + 4): a narrow tile reuses each weight vector less.
+template <class Panel>
+void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
+  constexpr int64_t P = Panel::kRows;
+  constexpr int T = Panel::kTokens;
+  for (int64_t p = 0; p * P < rows; ++p) {
+    const int64_t valid = rows - p * P < P ? rows - p * P : P;
+    const int64_t tiles = (tokens + T - 1) / T;
+    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
+      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
+      TokenTile<Panel, 1, T>::run(nt, tile + p * len * P, len, x + t0, valid, out + t0 * rows + p * P, rows);
+      t0 += nt;
+    }
+  }
 }
 
 }  // namespace mote::isa

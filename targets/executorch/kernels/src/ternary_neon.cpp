@@ -255,102 +255,47 @@ void float_dots(const float* w, int64_t k, int64_t rows, const float* const* x, 
   tiled_dots<FloatTile>(w, k, k, rows, x, tokens, out);
 }
 
-void int4_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
-  quantized_tiled_dots<Int4Tile>(m, x, tokens, out);
-}
-
-void int8_dots(const QuantizedRows& m, const float* const* x, int64_t tokens, float* out) {
-  quantized_tiled_dots<Int8Tile>(m, x, tokens, out);
-}
-
-// ---- the prefill tile: row-major dequantisation into a small buffer, then transposed into panels
-
-// w[r * len + i] = W[r][k0 + i] for r < m.rows, i < len. (The group of each span or run is found once per call,
-// outside the loop over rows: a division per row and span costs as much as the rest of the dequantisation.)
-void rowmajor_int4(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
-  for (int64_t i = 0; i < len; i += kInt4Span) {
-    const int64_t g = (k0 + i) / m.group, byte = (k0 + i) / 2;
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const float s = m.scale[r * m.groups + g];
-      int8x16_t v[2];
-      int4_span(m.data + r * m.row_bytes + byte, v[0], v[1]);
-      for (int h = 0; h < 2; ++h) {
-        float32x4_t f[4];
-        widen16(v[h], f);
-        for (int j = 0; j < 4; ++j) vst1q_f32(w + r * len + i + 16 * h + 4 * j, vmulq_n_f32(f[j], s));
-      }
-    }
-  }
-}
-
-// One run per group the inputs overlap: whole vectors, then the run's last < 16 values one at a time.
-void rowmajor_int8(const QuantizedRows& m, int64_t k0, int64_t len, float* w) {
-  for (int64_t i = 0; i < len;) {
-    const int64_t g = (k0 + i) / m.group, group_end = (g + 1) * m.group - k0;
-    const int64_t end = group_end < len ? group_end : len;
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const uint8_t* row = m.data + r * m.row_bytes + k0;
-      const float s = m.scale[r * m.groups + g];
-      float* out = w + r * len;
-      int64_t j = i;
-      for (; j + 16 <= end; j += 16) {
-        float32x4_t f[4];
-        widen16(vld1q_s8(reinterpret_cast<const int8_t*>(row + j)), f);
-        for (int q = 0; q < 4; ++q) vst1q_f32(out + j + 4 * q, vmulq_n_f32(f[q], s));
-      }
-      for (; j < end; ++j) out[j] = static_cast<float>(static_cast<int8_t>(row[j])) * s;
-    }
-    i = end;
-  }
-}
-
-constexpr int64_t kPanelRows = 8;    // two vectors of rows per panel
-constexpr int64_t kPanelChunk = 32;  // inputs dequantized row-major at a time before the transpose
-
-// dst + i * dst_stride (4 floats) = column i of the 4 x 4 block at src (rows src_stride apart), for i < count.
-inline void transpose4(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
-  const float32x4_t a = vld1q_f32(src), b = vld1q_f32(src + src_stride);
-  const float32x4_t c = vld1q_f32(src + 2 * src_stride), d = vld1q_f32(src + 3 * src_stride);
-  // {a0 b0 a2 b2}, {a1 b1 a3 b3}, {c0 d0 c2 d2}, {c1 d1 c3 d3}; then 64-bit halves pair them into columns
-  const float64x2_t ab0 = vreinterpretq_f64_f32(vtrn1q_f32(a, b)), ab1 = vreinterpretq_f64_f32(vtrn2q_f32(a, b));
-  const float64x2_t cd0 = vreinterpretq_f64_f32(vtrn1q_f32(c, d)), cd1 = vreinterpretq_f64_f32(vtrn2q_f32(c, d));
-  const float32x4_t col[4] = {vreinterpretq_f32_f64(vzip1q_f64(ab0, cd0)), vreinterpretq_f32_f64(vzip1q_f64(ab1, cd1)),
-                              vreinterpretq_f32_f64(vzip2q_f64(ab0, cd0)), vreinterpretq_f32_f64(vzip2q_f64(ab1, cd1))};
-  for (int i = 0; i < count; ++i) vst1q_f32(dst + i * dst_stride, col[i]);
-}
-
-// The tile of Kernels::dequantize_*: each panel's rows dequantized kPanelChunk inputs at a time into a row-major
-// buffer (rows past m.rows zeroed), then transposed 4 x 4 into the panel.
-template <int Bits>
-void dequantize_panels(const QuantizedRows& m, int64_t k0, int64_t len, float* tile) {
-  alignas(16) float buf[kPanelRows * kPanelChunk];
-  for (int64_t p = 0; p * kPanelRows < m.rows; ++p) {
-    QuantizedRows sub = m;
-    sub.data += p * kPanelRows * m.row_bytes;
-    sub.scale += p * kPanelRows * m.groups;
-    sub.rows = m.rows - p * kPanelRows < kPanelRows ? m.rows - p * kPanelRows : kPanelRows;
-    float* panel = tile + p * len * kPanelRows;
-    for (int64_t i = 0; i < len; i += kPanelChunk) {
-      const int64_t c = len - i < kPanelChunk ? len - i : kPanelChunk;
-      if (Bits == 4) {
-        rowmajor_int4(sub, k0 + i, c, buf);
-      } else {
-        rowmajor_int8(sub, k0 + i, c, buf);
-      }
-      if (sub.rows < kPanelRows) std::memset(buf + sub.rows * c, 0, (kPanelRows - sub.rows) * c * sizeof(float));
-      for (int64_t h = 0; h < kPanelRows; h += 4) {
-        for (int64_t j = 0; j < c; j += 4) {
-          transpose4(buf + h * c + j, c, panel + (i + j) * kPanelRows + h, kPanelRows, c - j < 4 ? c - j : 4);
-        }
-      }
-    }
-  }
-}
-
-// T tokens over one panel: per input, two vectors of weights (8 rows) times the token's x, taken by lane from a
-// vector of four of its inputs (one load of x per four inputs).
+// ---- the prefill tile (ternary_isa.h: dequantize_panels, panel_dots): row-major dequantisation into a small
+// buffer, transposed 4 x 4 into panels of 8 rows, then per input of a panel, two vectors of weights (8 rows) times
+// each token's x, taken by lane from a vector of four of its inputs (one load of x per four inputs).
 struct PanelTile {
+  static constexpr int64_t kRows = 8;    // two vectors of rows per panel
+  static constexpr int64_t kChunk = 32;  // inputs dequantized row-major at a time before the transpose
+  static constexpr int64_t kBlock = 4;
   static constexpr int kTokens = 8;  // 16 accumulators, 8 vectors of x and 2 of weights: 26 of 32 registers
+
+  static void dequantize_span(const uint8_t* span, float s, float* w) {
+    int8x16_t v[2];
+    int4_span(span, v[0], v[1]);
+    for (int h = 0; h < 2; ++h) {
+      float32x4_t f[4];
+      widen16(v[h], f);
+      for (int j = 0; j < 4; ++j) vst1q_f32(w + 16 * h + 4 * j, vmulq_n_f32(f[j], s));
+    }
+  }
+
+  // Whole vectors, then the run's last < 16 values one at a time.
+  static void dequantize_run(const uint8_t* row, float s, float* w, int64_t begin, int64_t end) {
+    int64_t j = begin;
+    for (; j + 16 <= end; j += 16) {
+      float32x4_t f[4];
+      widen16(vld1q_s8(reinterpret_cast<const int8_t*>(row + j)), f);
+      for (int q = 0; q < 4; ++q) vst1q_f32(w + j + 4 * q, vmulq_n_f32(f[q], s));
+    }
+    for (; j < end; ++j) w[j] = static_cast<float>(static_cast<int8_t>(row[j])) * s;
+  }
+
+  static void transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t count) {
+    const float32x4_t a = vld1q_f32(src), b = vld1q_f32(src + src_stride);
+    const float32x4_t c = vld1q_f32(src + 2 * src_stride), d = vld1q_f32(src + 3 * src_stride);
+    // {a0 b0 a2 b2}, {a1 b1 a3 b3}, {c0 d0 c2 d2}, {c1 d1 c3 d3}; then 64-bit halves pair them into columns
+    const float64x2_t ab0 = vreinterpretq_f64_f32(vtrn1q_f32(a, b)), ab1 = vreinterpretq_f64_f32(vtrn2q_f32(a, b));
+    const float64x2_t cd0 = vreinterpretq_f64_f32(vtrn1q_f32(c, d)), cd1 = vreinterpretq_f64_f32(vtrn2q_f32(c, d));
+    const float32x4_t col[4] = {
+        vreinterpretq_f32_f64(vzip1q_f64(ab0, cd0)), vreinterpretq_f32_f64(vzip1q_f64(ab1, cd1)),
+        vreinterpretq_f32_f64(vzip2q_f64(ab0, cd0)), vreinterpretq_f32_f64(vzip2q_f64(ab1, cd1))};
+    for (int i = 0; i < count; ++i) vst1q_f32(dst + i * dst_stride, col[i]);
+  }
 
   template <int J, int T>
   static void lane(const float* w, const float32x4_t (&xq)[T], float32x4_t (&acc)[T][2]) {
@@ -370,25 +315,25 @@ struct PanelTile {
     for (; i + 4 <= len; i += 4) {
       float32x4_t xq[T];
       for (int t = 0; t < T; ++t) xq[t] = vld1q_f32(x[t] + i);
-      const float* w = panel + i * kPanelRows;
+      const float* w = panel + i * kRows;
       lane<0>(w, xq, acc);
-      lane<1>(w + kPanelRows, xq, acc);
-      lane<2>(w + 2 * kPanelRows, xq, acc);
-      lane<3>(w + 3 * kPanelRows, xq, acc);
+      lane<1>(w + kRows, xq, acc);
+      lane<2>(w + 2 * kRows, xq, acc);
+      lane<3>(w + 3 * kRows, xq, acc);
     }
     for (; i < len; ++i) {
-      const float32x4_t w0 = vld1q_f32(panel + i * kPanelRows), w1 = vld1q_f32(panel + i * kPanelRows + 4);
+      const float32x4_t w0 = vld1q_f32(panel + i * kRows), w1 = vld1q_f32(panel + i * kRows + 4);
       for (int t = 0; t < T; ++t) {
         acc[t][0] = vfmaq_n_f32(acc[t][0], w0, x[t][i]);
         acc[t][1] = vfmaq_n_f32(acc[t][1], w1, x[t][i]);
       }
     }
     for (int t = 0; t < T; ++t) {
-      if (valid_rows == kPanelRows) {
+      if (valid_rows == kRows) {
         vst1q_f32(out + t * out_stride, acc[t][0]);
         vst1q_f32(out + t * out_stride + 4, acc[t][1]);
       } else {
-        float all[kPanelRows];
+        float all[kRows];
         vst1q_f32(all, acc[t][0]);
         vst1q_f32(all + 4, acc[t][1]);
         for (int r = 0; r < valid_rows; ++r) out[t * out_stride + r] = all[r];
@@ -397,27 +342,12 @@ struct PanelTile {
   }
 };
 
-void panel_dots(const float* tile, int64_t len, int64_t rows, const float* const* x, int64_t tokens, float* out) {
-  constexpr int T = PanelTile::kTokens;
-  for (int64_t p = 0; p * kPanelRows < rows; ++p) {
-    const int64_t valid = rows - p * kPanelRows < kPanelRows ? rows - p * kPanelRows : kPanelRows;
-    // Token tiles of equal size (12 tokens: 6 + 6, not 8 + 4): a narrow tile reuses each weight vector less.
-    const int64_t tiles = (tokens + T - 1) / T;
-    for (int64_t j = 0, t0 = 0; j < tiles; ++j) {
-      const int64_t nt = (tokens - t0) / (tiles - j);  // sizes never decrease and never pass T
-      TokenTile<PanelTile, 1, T>::run(nt, tile + p * len * kPanelRows, len, x + t0, valid,
-                                      out + t0 * rows + p * kPanelRows, rows);
-      t0 += nt;
-    }
-  }
-}
-
 }  // namespace
 
 const Kernels& neon_kernels() {
-  static const Kernels kernels{kGroup,     quantize<kGroup>, code_dots,            float_dots,
-                               kPanelRows, int4_dots,        int8_dots,            dequantize_panels<4>,
-                               dequantize_panels<8>,         panel_dots};
+  static const Kernels kernels{kGroup, quantize<kGroup>, code_dots, float_dots, PanelTile::kRows,
+                               quantized_tiled_dots<Int4Tile>, quantized_tiled_dots<Int8Tile>,
+                               dequantize_panels<PanelTile, 4>, dequantize_panels<PanelTile, 8>, panel_dots<PanelTile>};
   return kernels;
 }
 
