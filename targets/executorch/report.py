@@ -318,6 +318,18 @@ def _quantized_fully_connected(graph: dict):
                params.get("group_size") or tensor["dims"][1])
 
 
+def _linear_kind(kernel: str) -> dict:
+    """The running totals of one kind of quantized linear (`xnnpack_quantized_linears`, `library_quantized_linears`)."""
+    return {"kernel": kernel, "count": {}, "weights": 0, "weight_bytes": 0, "scales": 0, "scale_bytes": 0,
+            "group_sizes": set()}
+
+
+def _finished(kinds: dict) -> dict:
+    for k in kinds.values():
+        k["group_sizes"] = sorted(k["group_sizes"])
+    return dict(sorted(kinds.items()))
+
+
 def xnnpack_quantized_linears(program, header, pte_path: Path) -> dict:
     """The linears XNNPACK runs on quantized weights, read from its delegate payloads: per kernel kind ('qd8-f32-qb4w':
     int8 per-token dynamic activations, 4-bit blockwise weights) the count per method, the weights and the bytes the
@@ -328,8 +340,7 @@ def xnnpack_quantized_linears(program, header, pte_path: Path) -> dict:
     for method, graphs in _delegate_graphs(program, header, pte_path).items():
         for graph in graphs:
             for kind, w_key, numel, s_key, n_scales, group in _quantized_fully_connected(graph):
-                k = kinds.setdefault(kind, {"kernel": "XNNPACK", "count": {}, "weights": 0, "weight_bytes": 0,
-                                            "scales": 0, "scale_bytes": 0, "group_sizes": set()})
+                k = kinds.setdefault(kind, _linear_kind("XNNPACK"))
                 k["count"][method] = k["count"].get(method, 0) + 1
                 k["weights"] += numel
                 k["scales"] += n_scales
@@ -337,9 +348,7 @@ def xnnpack_quantized_linears(program, header, pte_path: Path) -> dict:
                 k["weight_bytes"] += sizes[w_key] if w_key not in seen else 0
                 k["scale_bytes"] += sizes[s_key] if s_key not in seen else 0
                 seen.update((w_key, s_key))
-    for k in kinds.values():
-        k["group_sizes"] = sorted(k["group_sizes"])
-    return dict(sorted(kinds.items()))
+    return _finished(kinds)
 
 
 def _library_kind(bits: int, group: int, k: int) -> str:
@@ -363,18 +372,14 @@ def library_quantized_linears(program, header, file_size: int, et) -> dict:
             x, packed, scale, _, bits, group = node.args[:6]
             k_in = x.meta["val"].shape[-1]
             w, s = stored[packed.name], stored[scale.name]
-            k = kinds.setdefault(_library_kind(bits, group, k_in), {
-                "kernel": "mote::packed_quantized_linear", "count": {}, "weights": 0, "weight_bytes": 0, "scales": 0,
-                "scale_bytes": 0, "group_sizes": set()})
+            k = kinds.setdefault(_library_kind(bits, group, k_in), _linear_kind("mote::packed_quantized_linear"))
             k["count"][method] = k["count"].get(method, 0) + 1
             k["weights"] += w["shape"][0] * k_in
             k["weight_bytes"] += w["bytes"]
             k["scales"] += s["bytes"] // 4
             k["scale_bytes"] += s["bytes"]
             k["group_sizes"].add(group)
-    for k in kinds.values():
-        k["group_sizes"] = sorted(k["group_sizes"])
-    return dict(sorted(kinds.items()))
+    return _finished(kinds)
 
 
 def _storage(program, header, file_size: int, pte_path: Path) -> dict:
