@@ -32,10 +32,22 @@ build_kernels() {
   fi
 }
 
+# The emulated arm64 device of the on-device smoke tests (tools/arm64_device.py: qemu-user and debootstrap when
+# missing, an arm64 Debian root filesystem, the runtimes' aarch64 wheels, our kernels cross-built for it), cached in
+# build/arm64-device/; a second run checks and rebuilds only what changed. Without it everything else still works:
+# its tests then say why it is missing.
+build_arm64_device() {
+  if ! $VPY -m mote.tools.arm64_device > build/arm64-device.log 2>&1; then
+    tail -n 3 build/arm64-device.log >&2
+    echo "setup: the emulated arm64 device was not built (log: build/arm64-device.log)" >&2
+  fi
+}
+
 stamp=.venv/.mote-setup-stamp
 want=$(cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   build_kernels
+  build_arm64_device
   exit 0   # already set up for exactly these pins
 fi
 
@@ -51,4 +63,5 @@ $VPY -c "import torch, executorch, coremltools, tvm, onnxruntime, onnxscript, to
   || { echo "setup: the pinned toolchain did not import" >&2; exit 1; }
 echo "$want" > "$stamp"
 build_kernels
+build_arm64_device
 echo "setup: .venv ready"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int8: "I8",
@@ -41,24 +40,3 @@ def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(size))
-
-
-def data_start(path: Path) -> int:
-    """Where the tensor data begins in a safetensors file (`data_offsets` count from here)."""
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
-
-
-NUMPY_DTYPES = {DTYPES[t]: np.dtype(str(t).removeprefix("torch.")) for t in DTYPES if t is not torch.bfloat16}
-
-
-def read_arrays(path: Path, names: list[str]) -> Iterator[np.ndarray]:
-    """The tensors `names` of a safetensors file as numpy arrays, one at a time, each read with a plain file read:
-    unlike a memory map, nothing of the file stays resident once the caller has copied or dropped an array."""
-    header, start = read_header(path), data_start(path)
-    for name in names:
-        info = header[name]
-        begin, end = info["data_offsets"]
-        dtype = NUMPY_DTYPES[info["dtype"]]
-        yield np.fromfile(path, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                          offset=start + begin).reshape(info["shape"])

@@ -104,22 +104,38 @@ def reference_noise_floor(reference, record: ReferenceRecord) -> float:
     return round(sqnr_db(record.logits, torch.cat(got, 0)), 2)
 
 
+@dataclasses.dataclass
+class ReplayOutputs:
+    """What a target computed on a ReferenceRecord's inputs (`run_replay` on the host; a device returns the same)."""
+
+    image_embeds: torch.Tensor | None
+    token_embeds: torch.Tensor
+    logits: torch.Tensor                         # [steps, vocab], the last position of each decoder call
+
+
 @torch.no_grad()
-def replay(record: ReferenceRecord, target) -> dict:
-    """Per-program numerics of the `target` runner against a recorded reference."""
-    report = {}
-    if record.pixel_values is not None:
-        report["vision_encoder"] = _stats(record.image_embeds, target.vision_encoder(record.pixel_values))
-    report["token_embedding"] = _stats(record.token_embeds, target.token_embedding(record.text_tokens))
+def run_replay(record: ReferenceRecord, target) -> ReplayOutputs:
+    """The `target` runner on the record's inputs: each program once, the decoder teacher-forced step by step."""
+    image = target.vision_encoder(record.pixel_values) if record.pixel_values is not None else None
+    embeds = target.token_embedding(record.text_tokens)
     target.reset()
     got, steps = [], len(record.decoder_inputs)
-    for step, (embeds, pos) in enumerate(record.decoder_inputs):
+    for step, (step_embeds, pos) in enumerate(record.decoder_inputs):
         progress.tick("text_decoder: prefill" if step == 0 else f"text_decoder: token {step}/{steps - 1}", step, steps)
-        got.append(torch.as_tensor(target.text_decoder(embeds, pos)[:, -1]).reshape(1, -1).float())
+        got.append(torch.as_tensor(target.text_decoder(step_embeds, pos)[:, -1]).reshape(1, -1).float())
     progress.tick("text_decoder", steps, steps)
-    got_all = torch.cat(got, 0)
-    stats = _stats(record.logits, got_all)
-    target_tokens = got_all.argmax(-1).tolist()
+    return ReplayOutputs(image, embeds, torch.cat(got, 0))
+
+
+def score(record: ReferenceRecord, outputs: ReplayOutputs) -> dict:
+    """Per-program numerics of a target's outputs against the recorded reference (greedy: the reference's tokens
+    matched by the target's argmax at each teacher-forced step, up to the first difference)."""
+    report = {}
+    if record.pixel_values is not None:
+        report["vision_encoder"] = _stats(record.image_embeds, outputs.image_embeds)
+    report["token_embedding"] = _stats(record.token_embeds, outputs.token_embeds)
+    stats = _stats(record.logits, outputs.logits)
+    target_tokens = torch.as_tensor(outputs.logits).argmax(-1).tolist()
     matched = 0
     for a, b in zip(record.tokens, target_tokens):
         if a != b:
@@ -131,6 +147,11 @@ def replay(record: ReferenceRecord, target) -> dict:
     stats["reference_tokens"] = record.tokens
     report["text_decoder"] = stats
     return report
+
+
+def replay(record: ReferenceRecord, target) -> dict:
+    """Per-program numerics of the `target` runner against a recorded reference."""
+    return score(record, run_replay(record, target))
 
 
 def compare(reference, target, prompt: Prompt, pixel_values: torch.Tensor | None, n_tokens: int = 32) -> dict:
@@ -155,3 +176,20 @@ def passed(report: dict, tol: Tolerance) -> tuple[bool, str]:
             if m != n:
                 return False, f"{program}: greedy tokens diverge after {m}/{n}"
     return True, "ok"
+
+
+def device_inputs(record: ReferenceRecord) -> dict:
+    """The record's inputs as numpy arrays for a device (targets/on_device.py reads them from an .npz)."""
+    arrays = {"text_tokens": record.text_tokens.numpy(),
+              "positions": torch.cat([pos.reshape(1) for _, pos in record.decoder_inputs]).numpy()}
+    if record.pixel_values is not None:
+        arrays["pixel_values"] = record.pixel_values.float().numpy()
+    for i, (embeds, _) in enumerate(record.decoder_inputs):
+        arrays[f"embeds_{i}"] = embeds.float().contiguous().numpy()
+    return arrays
+
+
+def device_outputs(arrays) -> ReplayOutputs:
+    """What targets/on_device.py returned, as the host's ReplayOutputs."""
+    image = torch.from_numpy(arrays["image_embeds"]) if "image_embeds" in arrays else None
+    return ReplayOutputs(image, torch.from_numpy(arrays["token_embeds"]), torch.from_numpy(arrays["logits"]))

@@ -33,7 +33,10 @@ Adding a target (the guide):
    - `check_quantization(spec, options)`: optional, why a `--quantize` spec cannot be lowered with these options
      (checked with the command line; exit 2), else None;
    - `timing_caveat`: None where `runner` is the deployment runtime itself; else what its timings measure instead
-     (`mote-bench` prints it with the latencies).
+     (`mote-bench` prints it with the latencies);
+   - `device_runner`: where the target has a runtime for phones' CPUs, its `device_runner.py`: the saved artifact in
+     that runtime with numpy in and out, importing nothing else (it runs on the device, see targets/on_device.py;
+     `mote-export --smoke-test arm64` and runtime_tests/test_arm64_smoke.py run it under qemu). None: no such runtime.
 2. One line in `REGISTRY` (`targets/__init__.py`).
 
 Heavy toolchains are imported inside functions, so that importing a target to read its options stays cheap.
@@ -215,6 +218,7 @@ class Target:
     fp32_experts_supported: ClassVar[bool] = False
     quantized_bits: ClassVar[tuple[int, ...]] = ()
     timing_caveat: ClassVar[str | None] = None
+    device_runner: ClassVar[Path | None] = None
 
     def check_quantization(self, spec, options: TargetOptions) -> str | None:
         """Why `--quantize` `spec` (export.quantization.QuantSpec) cannot be lowered with `options`, or None;

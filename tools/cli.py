@@ -37,6 +37,7 @@ from mote.export.memory import children_peak_rss_bytes, peak_rss_bytes, release_
 from mote.targets import REGISTRY, CommonOptions
 from mote.targets import artifact_bytes as artifact_size
 from mote.tools.console import Console, captured_toolchain_output
+from mote.tools.devices import DEVICES
 from mote.tools.output_dir import MARKER, REPORT, OutputDir
 
 PROG = "mote-export"
@@ -99,6 +100,10 @@ def _common_parser(target_help: str) -> _Parser:
                          "schemes fp32, int8, int4) and group=32|64|128|256|channel, comma-separated, e.g. "
                          "int4,lm_head=int4,group=64. Routed experts stay ternary.")
     ap.add_argument("--no-verify", action="store_true", help="skip the numerics check against PyTorch")
+    ap.add_argument("--smoke-test", metavar="DEVICE", choices=sorted(DEVICES), default=None,
+                    help="also run the artifact on a device on the same check: arm64 = the aarch64 build of the "
+                         "target's runtime under qemu (python -m mote.tools.arm64_device builds it; setup.sh does); "
+                         "report.json's on_device section")
     ap.add_argument("--prompt", default=None, help="verification prompt (default: MODEL_DIR/prompt.txt or a fixed one)")
     ap.add_argument("--image", type=Path, default=None, help="verification image, PNG (default: MODEL_DIR/sample.png)")
     ap.add_argument("--overwrite", action="store_true",
@@ -134,6 +139,12 @@ def parse_args(argv):
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     args.target_options = options_class.from_args(args)
+    if args.smoke_test is not None:
+        if args.no_verify:
+            raise UsageError("--smoke-test checks the artifact against the reference's outputs: drop --no-verify")
+        if get_target(known.target).device_runner is None:
+            raise UsageError(f"--smoke-test {args.smoke_test}: --target {known.target} has no runtime for "
+                             f"{args.smoke_test} devices")
     args.quantization = None
     if args.quantize is not None:
         from mote.export.quantization import parse
@@ -192,7 +203,9 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     from mote.export.verify import passed, record_reference, replay
     from mote.passes.pipeline import run_pipeline
     from mote.targets import get_target
+    from mote.tools.devices import get_device
     from mote.tools.quant_eval import reference_effect
+    from mote.tools.smoke import smoke_test
 
     started = time.perf_counter()
     progress = Progress(console)
@@ -200,6 +213,7 @@ def run(args, console: Console | None = None, argv=None) -> dict:
     output.check()
     output.remove_stale_staging()
     get_target(args.target).preflight(args.target_options, verify=not args.no_verify)
+    device = get_device(args.smoke_test) if args.smoke_test else None   # InputError now if it is not ready
     fp32_record = effect_skipped = inputs = None
     if args.quantization is not None and not args.no_verify:
         effect_skipped = fp32_reference_unaffordable(args.model_dir)
@@ -292,6 +306,13 @@ def run(args, console: Console | None = None, argv=None) -> dict:
             report["tolerance"] = dataclasses.asdict(tolerance)
             if not ok:
                 raise VerificationError(f"numerics check failed: {why}; no artifact was written to {output.path}")
+        if device is not None:
+            with progress.step("smoke_test", f"running the artifact on the {device.name} device "
+                                             f"({device.kind} {device.arch})"):
+                report["on_device"] = smoke_test(target, staging, reference, tolerance, device, numerics)
+            if not report["on_device"]["passed"]:
+                raise VerificationError(f"on-device check ({device.name}) failed: {report['on_device']['failure']}; "
+                                        f"no artifact was written to {output.path}")
         report["timings_s"] = {**progress.timings, "total": round(time.perf_counter() - started, 3)}
         report["peak_rss_bytes"] = {**progress.peak_rss, "child_processes": children_peak_rss_bytes()}
         # The model's side files travel with the artifacts verbatim (config, tokenizer, generation config, chat
@@ -419,6 +440,14 @@ def summary(report: dict) -> str:
         verify += f" in the {report['target']} runtime (bar: SQNR >= {tol['min_sqnr_db']:g} dB" + (
             ", identical greedy tokens)" if tol["need_identical_greedy"] else ")")
     rows.append(("verify", verify))
+    on_device = report.get("on_device")
+    if on_device is not None:
+        dev, runtime = on_device["device"], on_device["runtime"]
+        decoder = on_device["numerics"]["text_decoder"]
+        rows.append((f"on {dev['device']}", f"{'passed' if on_device['passed'] else 'failed'} in {runtime['runtime']} "
+                                            f"{runtime['version']} on {dev['kind']} {dev['arch']} ({dev['emulator']}): "
+                                            f"decoder SQNR {decoder['sqnr_db']:.1f} dB, greedy "
+                                            f"{decoder['greedy_match']}"))
     rows.append(("report", str(Path(out) / REPORT)))
     model = report["model"]
     image = model["verification_prompt"]["image"] or ("IMAGE" if model.get("vision") else None)

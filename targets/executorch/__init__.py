@@ -183,6 +183,8 @@ class ExecuTorchTarget(Target):
     Options = ExecuTorchOptions
     fp32_experts_supported = True
     quantized_bits = (4, 8)
+    # the .pte in the aarch64 wheel's runtime with our kernels cross-built for aarch64 (no torch on the device)
+    device_runner = Path(__file__).with_name("device_runner.py")
 
     def check_quantization(self, spec, options: ExecuTorchOptions) -> str | None:
         if options.android_kernels == "portable" and not options.int8_activations:

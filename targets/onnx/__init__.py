@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -38,6 +36,7 @@ from mote.export.verify import Tolerance
 from mote.targets import (CommonOptions, Lowered, OpTime, RoutedExpertStorage, Target, TargetOptions, cli_flag,
                           op_times, quiet_toolchain)
 
+from .device_runner import OrtPrograms
 from .ort_format import write_canonical_ort
 from .repack import lower_to_ort_layouts
 from .report import ort_facts, ort_session_facts, read_back, render
@@ -178,6 +177,7 @@ class OnnxTarget(Target):
     Options = OnnxOptions
     fp32_experts_supported = True
     quantized_bits = (4, 8)   # MatMulNBits / GatherBlockQuantized (repack.py); DequantizeLinear under --portable
+    device_runner = Path(__file__).with_name("device_runner.py")   # ORT Mobile's .ort in the aarch64 onnxruntime
 
     def lower(self, programs, model, common: CommonOptions, options: OnnxOptions = OnnxOptions()) -> Lowered:
         if common.fp32_experts and options.portable:
@@ -244,51 +244,34 @@ class OnnxTarget(Target):
         return {p: version(p) for p in ("onnx", "onnxruntime", "onnxscript", "onnx-ir")}
 
 
-class OrtRunner:
-    """The three programs in onnxruntime; the KV cache lives here as numpy arrays fed back step by step."""
+class OrtRunner(OrtPrograms):
+    """The three programs in onnxruntime (device_runner.OrtPrograms) with the host Runner's torch tensors."""
 
     def __init__(self, out_dir: Path, max_seq_len: int, suffix: str = ".onnx", threads: int | None = None,
                  profile_prefix: str | None = None):
-        import onnxruntime as ort
-
         release_memory()   # the sessions' initializers are new mappings: drop what the export left behind first
+        self.profile_prefix = profile_prefix
+        super().__init__(out_dir, max_seq_len, suffix=suffix, threads=threads)
+
+    def session_options(self, name, threads):
         # Defaults kept: with external data ORT maps the file and only the prepacked weights take anonymous memory
         # (measured on a 4-layer 0.5B-shaped model: 0.85 GB after init vs 1.55 GB from an inline .onnx);
         # session.disable_prepacking saves that copy but changes the numerics (other MLAS kernels) and runs slower;
         # session.use_env_allocators / no CPU arena / device allocator for initializers changed nothing.
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        # intra-op threads (sequential execution, the default, runs one node at a time); 0: ORT's default
-        so.intra_op_num_threads = threads if threads is not None else int(os.environ.get("MOTE_ORT_THREADS", "0"))
-        so.enable_profiling = profile_prefix is not None   # the trace is written at end_profiling()
-        self.sessions = {}
-        for name in ("vision_encoder", "token_embedding", "text_decoder"):
-            path = Path(out_dir) / f"{name}{suffix}"
-            if path.exists():
-                if profile_prefix is not None:
-                    so.profile_file_prefix = f"{profile_prefix}_{name}"
-                self.sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.max_seq_len = max_seq_len
-        dec = self.sessions["text_decoder"]
-        self.cache_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_")]
-        self.output_names = [o.name for o in dec.get_outputs()]
-        self.reset()
-
-    def reset(self):
-        self.cache = {i.name: np.zeros(i.shape, dtype=np.float32) for i in self.cache_inputs}
+        so = super().session_options(name, threads)
+        so.enable_profiling = self.profile_prefix is not None   # the trace is written at end_profiling()
+        if self.profile_prefix is not None:
+            so.profile_file_prefix = f"{self.profile_prefix}_{name}"
+        return so
 
     def vision_encoder(self, pixel_values):
-        return torch.from_numpy(self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.numpy()})[0])
+        return torch.from_numpy(super().vision_encoder(pixel_values.numpy()))
 
     def token_embedding(self, tokens):
-        return torch.from_numpy(self.sessions["token_embedding"].run(None, {"tokens": tokens.numpy()})[0])
+        return torch.from_numpy(super().token_embedding(tokens.numpy()))
 
     def text_decoder(self, embeds, input_pos):
-        feeds = {"embeds": embeds.numpy().astype(np.float32), "input_pos": input_pos.numpy(), **self.cache}
-        outs = dict(zip(self.output_names, self.sessions["text_decoder"].run(None, feeds)))
-        for name in self.cache:
-            self.cache[name] = outs[name.replace("past_", "present_")]
-        return torch.from_numpy(outs["logits"])
+        return torch.from_numpy(super().text_decoder(embeds.numpy(), input_pos.numpy()))
 
 
 TARGET = OnnxTarget()

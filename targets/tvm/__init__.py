@@ -37,7 +37,7 @@ from .report import (MANIFEST, library_path, params_path, read_back, render_devi
 
 # TVM sizes its thread pool once per process, at its first use, to TVM_NUM_THREADS (default: half the logical CPUs,
 # 1 on this 2-CPU machine); `runtime.config_threadpool` can then only choose fewer. Every CPU, so that a runner can
-# be given 1 .. cpu_count threads (runner.configure_threads); a user's own setting is kept.
+# be given 1 .. cpu_count threads (device_runner.configure_threads); a user's own setting is kept.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
@@ -103,6 +103,7 @@ class TvmTarget(Target):
     Options = TvmOptions
     fp32_experts_supported = True
     quantized_bits = (4, 8)    # kernels.quantized_linear / quantized_embedding
+    device_runner = Path(__file__).with_name("device_runner.py")   # the aarch64 libraries in aarch64 TVM
 
     def preflight(self, options: TvmOptions, verify: bool = True) -> None:
         arches_for(options)
