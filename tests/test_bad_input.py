@@ -539,6 +539,37 @@ def test_usage_error_missing_model_dir(capsys):
     assert err.splitlines()[-1].startswith("mote-export: error:") and "MODEL_DIR" in err
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--target", "onnx", "--smoke-test", "arm64", "--no-verify"], "drop --no-verify"),
+    (["--target", "ios", "--smoke-test", "arm64"], "--target ios has no runtime for arm64 devices"),
+    (["--target", "onnx", "--smoke-test", "phone"], "invalid choice: 'phone'"),
+])
+def test_smoke_test_usage_errors(make_model_dir, capsys, argv, expected):
+    d = make_model_dir()
+    out = d.parent / "out"
+    rc = main([*argv, str(d), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("mote-export: error:") and expected in err
+    assert not out.exists()
+
+
+def test_smoke_test_device_not_built(make_model_dir, capsys, monkeypatch, tmp_path):
+    """The emulated device is checked before any work: one line naming what is missing and how to build it."""
+    from mote.tools import arm64_device
+
+    monkeypatch.setattr(arm64_device, "ROOT", tmp_path / "no-device")
+    monkeypatch.setattr(arm64_device, "_which", lambda program: f"/usr/bin/{program}")   # qemu "installed"
+    d = make_model_dir()
+    out = d.parent / "out"
+    rc = main(["--target", "onnx", str(d), "-o", str(out), "--smoke-test", "arm64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "the emulated device is not ready" in err and str(tmp_path / "no-device") in err
+    assert "python -m mote.tools.arm64_device" in err
+    assert not out.exists()
+
+
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert "--target" in capsys.readouterr().out

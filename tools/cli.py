@@ -444,9 +444,10 @@ def summary(report: dict) -> str:
     if on_device is not None:
         dev, runtime = on_device["device"], on_device["runtime"]
         decoder = on_device["numerics"]["text_decoder"]
+        kernels = f" with our {runtime['kernels_isa']} kernels" if "kernels_isa" in runtime else ""
         rows.append((f"on {dev['device']}", f"{'passed' if on_device['passed'] else 'failed'} in {runtime['runtime']} "
-                                            f"{runtime['version']} on {dev['kind']} {dev['arch']} ({dev['emulator']}): "
-                                            f"decoder SQNR {decoder['sqnr_db']:.1f} dB, greedy "
+                                            f"{runtime['version']}{kernels} on {dev['kind']} {dev['arch']} "
+                                            f"({dev['emulator']}): decoder SQNR {decoder['sqnr_db']:.1f} dB, greedy "
                                             f"{decoder['greedy_match']}"))
     rows.append(("report", str(Path(out) / REPORT)))
     model = report["model"]

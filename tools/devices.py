@@ -39,7 +39,8 @@ class Device(Protocol):
 class EmulatedArm64:
     name, kind, arch = "arm64", "emulated", "aarch64"
 
-    def __init__(self, root: Path = arm64_device.ROOT):
+    def __init__(self, root: Path | None = None):
+        root = root or arm64_device.ROOT
         reason = arm64_device.missing_reason(root)
         if reason is not None:
             raise InputError(f"--smoke-test arm64: the emulated device is not ready: {reason}")
