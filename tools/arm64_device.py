@@ -174,8 +174,9 @@ def build_kernels(root: Path, site: Path) -> Path:
     return build
 
 
-def layout(root: Path = ROOT) -> dict:
+def layout(root: Path | None = None) -> dict:
     """Where the device's parts are (host paths; qemu -L also resolves them inside the root filesystem)."""
+    root = root or ROOT
     rootfs, build = root / "rootfs", root / "et-kernels"
     site = rootfs / SITE_PACKAGES.lstrip("/")
     return {"root": str(root), "rootfs": str(rootfs), "python": str(rootfs / PYTHON.lstrip("/")),
@@ -185,8 +186,9 @@ def layout(root: Path = ROOT) -> dict:
             "wheels": (site / ".mote-wheels").read_text().split() if (site / ".mote-wheels").is_file() else []}
 
 
-def missing_reason(root: Path = ROOT) -> str | None:
+def missing_reason(root: Path | None = None) -> str | None:
     """Why the device is not ready to run (None: it is)."""
+    root = root or ROOT
     if _which("qemu-aarch64") is None:
         return "qemu-aarch64 is not installed (Debian package qemu-user)"
     parts = layout(root)
@@ -198,12 +200,19 @@ def missing_reason(root: Path = ROOT) -> str | None:
     return None
 
 
-def ensure(root: Path = ROOT) -> dict:
-    """Build what is missing or stale; returns the layout."""
+def ensure(root: Path | None = None) -> dict:
+    """Build what is missing or stale; returns the layout. One process at a time (the test workers may ask together):
+    the others wait for it, then find everything up to date."""
+    import fcntl
+
+    root = root or ROOT
     install_packages()
-    rootfs = build_rootfs(root)
-    site = install_wheels(rootfs)
-    build_kernels(root, site)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rootfs = build_rootfs(root)
+        site = install_wheels(rootfs)
+        build_kernels(root, site)
     return layout(root)
 
 

@@ -31,7 +31,8 @@ class Device(Protocol):
 
     def describe(self) -> dict: ...                       # for report.json: what ran the artifact
     def runner_options(self) -> dict: ...                 # the device's own builds (targets/<t>/device_runner.py)
-    def push(self, host_path: Path) -> str: ...           # the file's path on the device
+    def push(self, host_path: Path) -> str: ...           # copy a file or folder there: its path on the device
+    def output_path(self, host_path: Path) -> str: ...    # where the device writes what `pull` brings to host_path
     def pull(self, device_path: str, host_path: Path) -> Path: ...
     def run_python(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess: ...
 
@@ -40,7 +41,6 @@ class EmulatedArm64:
     name, kind, arch = "arm64", "emulated", "aarch64"
 
     def __init__(self, root: Path | None = None):
-        root = root or arm64_device.ROOT
         reason = arm64_device.missing_reason(root)
         if reason is not None:
             raise InputError(f"--smoke-test arm64: the emulated device is not ready: {reason}")
@@ -59,6 +59,9 @@ class EmulatedArm64:
                 "runner_lib": self.layout["pte_runner"]}
 
     def push(self, host_path: Path) -> str:
+        return str(Path(host_path).resolve())
+
+    def output_path(self, host_path: Path) -> str:
         return str(Path(host_path).resolve())
 
     def pull(self, device_path: str, host_path: Path) -> Path:

@@ -12,6 +12,7 @@ No torch runs on the device, and the reference never leaves the host: the device
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,16 +43,21 @@ def smoke_test(target, artifact_dir: Path, record, tolerance, device, host_numer
         np.savez(tmp / "inputs.npz", **device_inputs(record))
         (tmp / "options.json").write_text(json.dumps(device.runner_options()))
         out = tmp / "outputs.npz"
+        device_out = device.output_path(out)
         argv = [device.push(ON_DEVICE), device.push(target.device_runner), device.push(artifact_dir),
-                device.push(tmp / "options.json"), device.push(tmp / "inputs.npz"), device.push(out)]
+                device.push(tmp / "options.json"), device.push(tmp / "inputs.npz"), device_out]
         t0 = time.perf_counter()
-        done = device.run_python(argv, timeout=TIMEOUT_S)
+        try:
+            done = device.run_python(argv, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise SmokeTestError(f"the {target.name} artifact did not finish on the {device.name} device within "
+                                 f"{TIMEOUT_S} s") from None
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:]
             raise SmokeTestError(f"the {target.name} artifact failed on the {device.name} device "
                                  f"(exit {done.returncode}): {tail[0] if tail else 'no message'}")
-        with np.load(device.pull(device.push(out), out)) as arrays:
+        with np.load(device.pull(device_out, out)) as arrays:
             arrays = dict(arrays)
     runtime = json.loads(str(arrays.pop("runtime_json")))
     numerics = score(record, device_outputs(arrays))
