@@ -135,7 +135,7 @@ def score(record: ReferenceRecord, outputs: ReplayOutputs) -> dict:
         report["vision_encoder"] = _stats(record.image_embeds, outputs.image_embeds)
     report["token_embedding"] = _stats(record.token_embeds, outputs.token_embeds)
     stats = _stats(record.logits, outputs.logits)
-    target_tokens = torch.as_tensor(outputs.logits).argmax(-1).tolist()
+    target_tokens = outputs.logits.argmax(-1).tolist()
     matched = 0
     for a, b in zip(record.tokens, target_tokens):
         if a != b:

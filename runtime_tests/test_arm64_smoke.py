@@ -63,9 +63,10 @@ def test_example_artifact_runs_on_emulated_arm64(target, example, example_record
     assert matched == total == len(example_record.tokens)
     assert decoder["sqnr_db"] >= min(tolerance.min_sqnr_db, decoder.get("reference_noise_floor_db", 1e9))
     assert section["numerics"]["vision_encoder"]["sqnr_db"] >= tolerance.min_sqnr_db
-    # the host and the device compute the same model: where the bar is fp32 (60 dB) both sit far above it
-    for program, both in section["vs_host"].items():
-        assert both["same_greedy"], program
+    # the host and the device decode the same tokens; only the decoder's comparison speaks of tokens
+    assert set(section["vs_host"]) == set(report["numerics"])
+    assert section["vs_host"]["text_decoder"]["same_greedy"]
+    assert all("same_greedy" not in both for program, both in section["vs_host"].items() if program != "text_decoder")
     if target == "onnx":
         assert runtime["files"] == ["text_decoder.ort", "token_embedding.ort", "vision_encoder.ort"]
     elif target == "tvm":

@@ -26,7 +26,8 @@ class OrtPrograms:
         dec = self.sessions["text_decoder"]
         self.cache_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_")]
         self.output_names = [o.name for o in dec.get_outputs()]
-        self.max_seq_len = max_seq_len or dict((i.name, i.shape) for i in self.cache_inputs)["past_key_0"][2]
+        # every cache input is [batch, kv heads, max_seq_len, head dim]
+        self.max_seq_len = max_seq_len or self.cache_inputs[0].shape[2]
         self.reset()
 
     def session_options(self, name, threads):

@@ -19,7 +19,8 @@ SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8"
 
 def read_arrays(path, names):
     """The tensors `names` of a safetensors file as numpy arrays, one at a time, each read with a plain file read:
-    unlike a memory map, nothing of the file stays resident once the caller has copied or dropped an array."""
+    unlike a memory map, nothing of the file stays resident once the caller has copied or dropped an array.
+    (The header is read here rather than with export.tensor_file.read_header: the device has no `mote` package.)"""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
